@@ -1,0 +1,20 @@
+"""swarm: peer-to-peer DiLoCo over a Kademlia DHT. An asyncio library that knows nothing about models."""
+
+from swarm.codec import Codec, make_codec
+from swarm.diloco import OuterStepReport, StepStatus, Swarm, SwarmConfig
+from swarm.matchmaking import Group, MatchmakingConfig
+from swarm.node import NodeConfig, SwarmConnectionError, SwarmNode
+
+__all__ = [
+    "Codec",
+    "Group",
+    "MatchmakingConfig",
+    "NodeConfig",
+    "OuterStepReport",
+    "StepStatus",
+    "Swarm",
+    "SwarmConfig",
+    "SwarmConnectionError",
+    "SwarmNode",
+    "make_codec",
+]

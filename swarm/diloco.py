@@ -1,0 +1,183 @@
+"""DiLoCo's outer step across the swarm, for any list of float tensors.
+
+`Swarm.outer_step(local, tokens)` takes the parameters a peer reached after its inner loop and does the rest:
+pseudo-gradient Δ = θ − θ_local, matchmaking for this outer step, token-weighted butterfly all-reduce of Δ, and
+Nesterov SGD on θ. Members of a group end with bit-identical θ. What happens when things go wrong:
+
+- no group within the matchmaking timeout: the peer applies its own Δ and reports group_size 1;
+- the all-reduce fails (a member died, a bad contribution): θ is left as it was, and the caller keeps its local
+  parameters, so the next outer step's Δ carries this step's work too (nothing lost, nothing partial applied);
+- Δ holds NaN or inf: nothing is sent, θ is left as it was, and the caller restarts from θ.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.utils import get_dht_time
+
+from swarm import records
+from swarm.allreduce import AllReduceError, Averager
+from swarm.codec import make_codec
+from swarm.flat import flatten, unflatten
+from swarm.matchmaking import Matchmaker, MatchmakingConfig
+from swarm.node import SwarmNode
+from swarm.outer import OuterOptimizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SwarmConfig:
+    run_id: str
+    """Peers average only with peers of the same run id."""
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "int8"
+    """Wire codec of pseudo-gradients: int8 (blockwise), fp16 or none."""
+    matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
+    allreduce_timeout_seconds: float = 120.0
+    """Bound on one all-reduce once the group is formed."""
+
+    def validate(self) -> None:
+        records.validate_run_id(self.run_id)
+        make_codec(self.compression)
+        self.matchmaking.validate()
+        if self.allreduce_timeout_seconds <= 0:
+            raise ValueError("allreduce_timeout_seconds must be positive")
+
+
+class StepStatus(str, enum.Enum):
+    AVERAGED = "averaged"  # Δ averaged with a group of two or more
+    ALONE = "alone"  # no group found: own Δ applied
+    ALLREDUCE_FAILED = "allreduce_failed"  # θ unchanged, local work carried into the next step
+    NONFINITE = "nonfinite"  # Δ had NaN/inf: θ unchanged, caller restarts from θ
+
+
+@dataclass
+class OuterStepReport:
+    outer_step: int
+    """The run's outer-step counter after this step."""
+    status: StepStatus
+    group_size: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    comm_seconds: float = 0.0
+    params_sha256: str = ""
+    error: str | None = None
+
+    @property
+    def restart_from_global(self) -> bool:
+        """Whether the caller should copy θ into its local parameters before the next inner loop."""
+        return self.status != StepStatus.ALLREDUCE_FAILED
+
+
+class Swarm:
+    """One peer's membership in a training run. Holds the global parameters θ and the outer optimizer state.
+
+    Use `await Swarm.create(node, params, config)` and `await swarm.close()`.
+    """
+
+    def __init__(self, node: SwarmNode, params: Sequence[torch.Tensor], config: SwarmConfig, outer_step: int = 0):
+        config.validate()
+        self.node, self.config = node, config
+        self.params = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in params]
+        self.outer = OuterOptimizer(self.params, lr=config.outer_lr, momentum=config.outer_momentum)
+        self.params = self.outer.params
+        self.codec = make_codec(config.compression)
+        self.schema = records.schema_hash(config.run_id, [p.shape for p in self.params], self.codec.tag)
+        self.matchmaker = Matchmaker(node, config.run_id, self.schema, config.matchmaking)
+        self.averager = Averager(node, config.run_id, self.codec, config.allreduce_timeout_seconds)
+        self.global_step = outer_step
+
+    @classmethod
+    async def create(
+        cls, node: SwarmNode, params: Sequence[torch.Tensor], config: SwarmConfig, outer_step: int = 0
+    ) -> Swarm:
+        self = cls(node, params, config, outer_step)
+        self.matchmaker.set_outer_step(outer_step)
+        await self.averager.start()
+        await self.matchmaker.start()
+        return self
+
+    async def close(self) -> None:
+        await self.matchmaker.close()
+        await self.averager.close()
+
+    def params_sha256(self) -> str:
+        return records.params_sha256(self.params)
+
+    async def outer_step(self, local: Sequence[torch.Tensor], tokens: int) -> OuterStepReport:
+        """One DiLoCo outer step from the peer's post-inner-loop parameters; `tokens` weighs its contribution."""
+        if len(local) != len(self.params):
+            raise ValueError(f"got {len(local)} local tensors for {len(self.params)} global parameters")
+        step = self.global_step
+        delta = flatten(self.params) - flatten(local)
+        started = time.perf_counter()
+        if not bool(torch.isfinite(delta).all()):
+            bad = int((~torch.isfinite(delta)).sum())
+            error = f"pseudo-gradient of outer step {step} has {bad} NaN/inf values: not sent, sitting this round out"
+            logger.error(error)
+            return self._advance(StepStatus.NONFINITE, 1, started, error=error)
+        if tokens <= 0 or not math.isfinite(tokens):
+            raise ValueError(f"tokens must be positive, got {tokens}")
+
+        group = await self.matchmaker.form_group(step)
+        if group is None or group.size == 1:
+            logger.info(f"outer step {step}: no group within {self.config.matchmaking.timeout_seconds:.0f}s, alone")
+            self._apply(delta)
+            return self._advance(StepStatus.ALONE, 1, started)
+        try:
+            result = await self.averager.all_reduce(group, delta, float(tokens))
+        except AllReduceError as e:
+            error = f"outer step {step}: all-reduce with {group.size} peers failed ({e}); θ unchanged, work carried"
+            logger.warning(error)
+            return self._advance(StepStatus.ALLREDUCE_FAILED, group.size, started, error=error)
+        self._apply(result.averaged)
+        return self._advance(StepStatus.AVERAGED, group.size, started, result.bytes_sent, result.bytes_received)
+
+    def _apply(self, flat_delta: torch.Tensor) -> None:
+        self.outer.step(unflatten(flat_delta, self.params))
+
+    def _advance(self, status, group_size, started, sent=0, received=0, error=None) -> OuterStepReport:
+        self.global_step += 1
+        self.matchmaker.set_outer_step(self.global_step)
+        digest = self.params_sha256()
+        return OuterStepReport(
+            outer_step=self.global_step,
+            status=status,
+            group_size=group_size,
+            bytes_sent=sent,
+            bytes_received=received,
+            comm_seconds=time.perf_counter() - started,
+            params_sha256=digest,
+            error=error,
+        )
+
+    async def publish_hash(self, report: OuterStepReport) -> None:
+        """Record our θ hash for this outer step in the DHT, so peers can compare (and a tool can check drift)."""
+        await self.node.dht.store(
+            records.hash_key(self.config.run_id, report.outer_step),
+            report.params_sha256,
+            get_dht_time() + 600,
+            subkey=self.node.peer_id.to_base58(),
+        )
+
+    def state_dict(self) -> dict:
+        return {"params": [p.clone() for p in self.params], "outer": self.outer.state_dict(), "step": self.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["params"]) != len(self.params):
+            raise ValueError("checkpoint holds a different number of parameters")
+        with torch.no_grad():
+            for p, q in zip(self.params, state["params"]):
+                p.copy_(q)
+        self.outer.load_state_dict(state["outer"])
+        self.global_step = int(state["step"])
+        self.matchmaker.set_outer_step(self.global_step)

@@ -1,0 +1,24 @@
+"""Flattening a list of tensors into one float32 vector and back: the unit that the swarm averages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.cat([t.detach().to(device="cpu", dtype=torch.float32).reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    total = sum(t.numel() for t in like)
+    if flat.numel() != total:
+        raise ValueError(f"flat vector has {flat.numel()} values, the tensors need {total}")
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out

@@ -1,0 +1,352 @@
+"""Matchmaking: the peers of a run that finished outer step t agree on one group to average with.
+
+No coordinator: every peer looking for a group for step t declares itself under the DHT key `{run}.step{t}`. The
+declared peer with the smallest peer id is the leader; the others open a join stream to it. The leader closes the
+group as soon as every live peer of the run at step t has joined (heartbeats tell who is alive and where), or, at the
+latest, shortly before the earliest deadline among its members. It then sends every member the same ordered member
+list and a fresh group id. A peer that sees a smaller leader than its own leader-candidate redirects its followers
+there, so groups converge on the smallest peer id; a leader that refuses, dies, or fails to answer is excluded and the
+next one is tried. A peer that finds no group before its deadline gets None and averages alone.
+
+Join protocol (one binary stream per join, frames from `swarm.wire`):
+  follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d}
+  leader -> follower: {"type": "accepted"} | {"type": "rejected", "reason": r} | {"type": "redirect", "leader": id}
+  once accepted: {"type": "begin", "group_id": b, "peers": [ids]} | {"type": "redirect", ...} | {"type": "disband"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from swarm import records
+from swarm.node import SwarmNode
+from swarm.wire import ProtocolError, close_writer, read_frame, require, write_frame
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MatchmakingConfig:
+    min_group_size: int = 2
+    """Smallest group worth averaging in; with fewer peers a peer averages alone (group size 1)."""
+    max_group_size: int | None = None
+    """Largest group a leader closes; None takes every live peer of the run."""
+    timeout_seconds: float = 30.0
+    """How long a peer looks for a group before it averages alone."""
+    poll_interval_seconds: float = 0.3
+    """How often a looking peer re-reads the DHT."""
+    heartbeat_interval_seconds: float = 2.0
+    """How often a peer renews its liveness record; the record lives for three intervals."""
+    request_timeout_seconds: float = 5.0
+    """Bound on one join request's first answer."""
+
+    def validate(self) -> None:
+        if self.min_group_size < 1:
+            raise ValueError(f"min_group_size must be at least 1, got {self.min_group_size}")
+        if self.max_group_size is not None and self.max_group_size < self.min_group_size:
+            raise ValueError(
+                f"max_group_size ({self.max_group_size}) must be at least min_group_size ({self.min_group_size})"
+            )
+        if self.timeout_seconds <= 0:
+            raise ValueError(f"matchmaking timeout must be positive, got {self.timeout_seconds}")
+
+
+@dataclass(frozen=True)
+class Group:
+    group_id: bytes
+    outer_step: int
+    peer_ids: tuple[PeerID, ...]
+    """Members in the order every member uses: part i of the vector is reduced by peer_ids[i]."""
+    my_index: int
+
+    @property
+    def size(self) -> int:
+        return len(self.peer_ids)
+
+
+@dataclass
+class _Follower:
+    deadline: float
+    outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class _Looking:
+    """This peer's matchmaking state for one outer step."""
+
+    outer_step: int
+    deadline: float
+    leader: PeerID | None = None  # whom we follow; None while we lead (possibly a group of one)
+    followers: dict[PeerID, _Follower] = field(default_factory=dict)
+    excluded: set[PeerID] = field(default_factory=set)
+    closed: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Matchmaker:
+    def __init__(self, node: SwarmNode, run_id: str, schema: str, config: MatchmakingConfig | None = None):
+        self.node, self.run_id, self.schema = node, records.validate_run_id(run_id), schema
+        self.config = config or MatchmakingConfig()
+        self.config.validate()
+        self.outer_step = 0
+        self._protocol = f"swarm/{run_id}/join/1"
+        self._looking: _Looking | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._heartbeat_now = asyncio.Event()
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.node.peer_id
+
+    async def start(self) -> None:
+        await self.node.p2p.add_binary_stream_handler(self._protocol, self._handle_join)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+
+    async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        with contextlib.suppress(Exception):
+            await self.node.p2p.remove_binary_stream_handler(self._protocol)
+
+    def set_outer_step(self, outer_step: int) -> None:
+        """Tell the swarm (at once) which outer step this peer now works on."""
+        self.outer_step = outer_step
+        self._heartbeat_now.set()
+
+    # ---- liveness -------------------------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval_seconds
+        while True:
+            value = records.Heartbeat(self.peer_id, self.outer_step, self.schema, 0.0).to_value()
+            try:
+                await self.node.dht.store(
+                    records.peers_key(self.run_id),
+                    value,
+                    get_dht_time() + 3 * interval,
+                    subkey=self.peer_id.to_base58(),
+                )
+            except Exception as e:  # a DHT hiccup must not kill the peer; the next beat retries
+                logger.debug(f"heartbeat failed: {e!r}")
+            self._heartbeat_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._heartbeat_now.wait(), interval)
+
+    async def live_peers(self) -> list[records.Heartbeat]:
+        found = await self.node.dht.get(records.peers_key(self.run_id), latest=True)
+        now = get_dht_time()
+        return [h for h in records.parse_heartbeats(found) if h.expiration > now]
+
+    async def _declarations(self, outer_step: int) -> list[records.Declaration]:
+        found = await self.node.dht.get(records.step_key(self.run_id, outer_step), latest=True)
+        return records.parse_declarations(found)
+
+    async def _declare(self, state: _Looking, looking: bool) -> None:
+        decl = records.Declaration(self.peer_id, self.schema, state.deadline, looking)
+        # A later expiration overrides the earlier record, so "no longer looking" replaces "looking".
+        expiration = state.deadline + (0.0 if looking else 1e-3)
+        with contextlib.suppress(Exception):
+            await self.node.dht.store(
+                records.step_key(self.run_id, state.outer_step),
+                decl.to_value(),
+                expiration,
+                subkey=self.peer_id.to_base58(),
+            )
+
+    # ---- looking for a group --------------------------------------------------------------------------------------
+
+    async def form_group(self, outer_step: int) -> Group | None:
+        """Find a group for `outer_step` within the configured timeout; None if this peer should average alone."""
+        if self._looking is not None:
+            raise RuntimeError("form_group is already running on this peer")
+        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds)
+        self._looking = state
+        try:
+            await self._declare(state, looking=True)
+            return await self._look(state)
+        finally:
+            state.closed = True
+            for follower in state.followers.values():
+                if not follower.outcome.done():
+                    follower.outcome.set_result({"type": "disband"})
+            self._looking = None
+            await self._declare(state, looking=False)
+
+    async def _look(self, state: _Looking) -> Group | None:
+        margin = min(1.0, 0.1 * self.config.timeout_seconds)
+        target: PeerID | None = None
+        while True:
+            now = get_dht_time()
+            if now >= state.deadline - margin:
+                break
+            if target is None:
+                decls, live = await asyncio.gather(self._declarations(state.outer_step), self.live_peers())
+                candidates = [
+                    d.peer_id
+                    for d in decls
+                    if d.looking and d.schema == self.schema and d.deadline > now and d.peer_id not in state.excluded
+                ]
+                best = min([self.peer_id, *candidates], key=lambda p: p.to_bytes())
+                if best != self.peer_id:
+                    target = best
+                else:
+                    group = self._maybe_close_group(state, decls, live, now)
+                    if group is not None:
+                        return group
+                    state.changed.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(state.changed.wait(), self.config.poll_interval_seconds)
+                    continue
+            if state.followers:
+                # A smaller leader exists: bring our followers along rather than splitting the run in two groups.
+                self._release_followers(state, {"type": "redirect", "leader": target.to_base58()})
+            group, target = await self._follow(state, target)
+            if group is not None:
+                return group
+        # Deadline: close what we have if it is big enough, else everyone averages alone.
+        if len(state.followers) + 1 >= self.config.min_group_size and len(state.followers) > 0:
+            return self._close_group(state)
+        return None
+
+    def _maybe_close_group(self, state: _Looking, decls, live, now: float) -> Group | None:
+        members = {self.peer_id, *state.followers}
+        size = len(members)
+        cfg = self.config
+        if cfg.max_group_size is not None and size >= cfg.max_group_size:
+            return self._close_group(state)
+        if size < cfg.min_group_size:
+            return None
+        done = {d.peer_id for d in decls if not d.looking}
+        expected = {h.peer_id for h in live if h.outer_step == state.outer_step and h.schema == self.schema} | {
+            d.peer_id for d in decls if d.looking and d.schema == self.schema and d.deadline > now
+        }
+        expected -= done | state.excluded
+        if expected <= members:
+            return self._close_group(state)
+        earliest = min([state.deadline, *(f.deadline for f in state.followers.values())])
+        if now >= earliest - min(1.0, 0.1 * cfg.timeout_seconds) - cfg.poll_interval_seconds:
+            return self._close_group(state)
+        return None
+
+    def _close_group(self, state: _Looking) -> Group:
+        peers = sorted([self.peer_id, *state.followers], key=lambda p: p.to_bytes())
+        # Random bytes make every group distinct, even the same members meeting again after a failed round.
+        seed = [self.run_id.encode(), str(state.outer_step).encode(), os.urandom(16), *(p.to_bytes() for p in peers)]
+        group_id = hashlib.sha256(b"".join(seed)).digest()[:16]
+        message = {"type": "begin", "group_id": group_id, "peers": [p.to_base58() for p in peers]}
+        state.closed = True
+        self._release_followers(state, message)
+        logger.debug(f"{self.peer_id} leads group {group_id.hex()} of {len(peers)} for step {state.outer_step}")
+        return Group(group_id, state.outer_step, tuple(peers), peers.index(self.peer_id))
+
+    def _release_followers(self, state: _Looking, message: dict) -> None:
+        for follower in state.followers.values():
+            if not follower.outcome.done():
+                follower.outcome.set_result(message)
+        state.followers.clear()
+
+    async def _follow(self, state: _Looking, leader: PeerID) -> tuple[Group | None, PeerID | None]:
+        """Join `leader`. Returns (group, None) on success, (None, next_leader) on redirect, (None, None) on failure."""
+        state.leader = leader
+        writer = None
+        try:
+            _, reader, writer = await asyncio.wait_for(
+                self.node.p2p.call_binary_stream_handler(leader, self._protocol), self.config.request_timeout_seconds
+            )
+            request = {"type": "join", "step": state.outer_step, "schema": self.schema, "deadline": state.deadline}
+            await write_frame(writer, request)
+            reply, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
+            if reply.get("type") == "accepted":
+                remaining = max(0.1, state.deadline - get_dht_time() + self.config.request_timeout_seconds)
+                reply, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), remaining)
+            kind = reply.get("type")
+            if kind == "begin":
+                return self._parse_begin(state, leader, reply), None
+            if kind == "redirect":
+                state.excluded.add(leader)
+                next_leader = PeerID.from_base58(require(reply, "leader", str))
+                return None, (None if next_leader in state.excluded or next_leader == self.peer_id else next_leader)
+            if kind == "rejected":
+                reason = reply.get("reason", "no reason given")
+                level = logging.WARNING if "incompatible" in str(reason) else logging.DEBUG
+                logger.log(level, f"peer {leader} refused us for step {state.outer_step}: {reason}")
+            state.excluded.add(leader)
+            return None, None
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ProtocolError, Exception) as e:
+            logger.debug(f"joining {leader} for step {state.outer_step} failed: {e!r}")
+            state.excluded.add(leader)
+            return None, None
+        finally:
+            state.leader = None
+            if writer is not None:
+                close_writer(writer)
+
+    def _parse_begin(self, state: _Looking, leader: PeerID, reply: dict) -> Group:
+        group_id = require(reply, "group_id", bytes)
+        peers = tuple(PeerID.from_base58(p) for p in require(reply, "peers", list))
+        if self.peer_id not in peers or leader not in peers or len(set(peers)) != len(peers):
+            raise ProtocolError(f"leader {leader} sent a group that does not hold both of us")
+        return Group(group_id, state.outer_step, peers, peers.index(self.peer_id))
+
+    # ---- serving join requests ------------------------------------------------------------------------------------
+
+    async def _handle_join(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = stream_info.peer_id
+        try:
+            request, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
+            step = require(request, "step", int)
+            schema = require(request, "schema", str)
+            deadline = float(require(request, "deadline", (int, float)))
+            state = self._looking
+            reason = None
+            if request.get("type") != "join":
+                reason = f"unexpected message type {request.get('type')!r}"
+            elif schema != self.schema:
+                reason = f"incompatible schema {schema} (this peer runs {self.schema}: other model, codec or version)"
+                logger.warning(f"refused {peer} for step {step}: {reason}")
+            elif state is None or state.outer_step != step:
+                reason = f"not looking for a group for step {step}"
+            elif state.closed:
+                reason = "group already closed"
+            elif state.leader is not None:
+                await write_frame(writer, {"type": "redirect", "leader": state.leader.to_base58()})
+                return
+            elif self.config.max_group_size is not None and len(state.followers) + 1 >= self.config.max_group_size:
+                reason = "group is full"
+            if reason is not None:
+                await write_frame(writer, {"type": "rejected", "reason": reason})
+                return
+            follower = _Follower(deadline=deadline)
+            state.followers[peer] = follower
+            await write_frame(writer, {"type": "accepted"})
+            state.changed.set()
+            # Wait for the group to close, the follower to go away, or our own search to end.
+            gone = asyncio.create_task(reader.read(1))
+            try:
+                await asyncio.wait({follower.outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if follower.outcome.done():
+                await write_frame(writer, follower.outcome.result())
+            elif state.followers.get(peer) is follower:
+                del state.followers[peer]
+                state.changed.set()
+        except (ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            logger.debug(f"bad join request from {peer}: {e!r}")
+            with contextlib.suppress(Exception):
+                await write_frame(writer, {"type": "rejected", "reason": f"malformed request: {e}"})
+        except Exception as e:
+            logger.debug(f"join stream from {peer} failed: {e!r}")
+        finally:
+            close_writer(writer)

@@ -1,0 +1,41 @@
+"""The outer optimizer of DiLoCo: SGD with Nesterov momentum over the global parameters, as a flat list of tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class OuterOptimizer:
+    """Applies an averaged pseudo-gradient to the global parameters.
+
+    Given identical parameters, momentum buffers and pseudo-gradient, every peer computes bit-identical results:
+    this is plain `torch.optim.SGD(nesterov=True)` on the CPU, with the pseudo-gradient as the gradient.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float = 0.7, momentum: float = 0.9):
+        if lr <= 0:
+            raise ValueError(f"outer learning rate must be positive, got {lr}")
+        if not 0 < momentum < 1:
+            raise ValueError(f"outer momentum must be in (0, 1) for Nesterov, got {momentum}")
+        self.params = [
+            p if isinstance(p, torch.nn.Parameter) else torch.nn.Parameter(p, requires_grad=False) for p in params
+        ]
+        self._sgd = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=True, foreach=False)
+
+    @torch.no_grad()
+    def step(self, pseudo_gradient: Sequence[torch.Tensor]) -> None:
+        if len(pseudo_gradient) != len(self.params):
+            raise ValueError(f"got {len(pseudo_gradient)} pseudo-gradient tensors for {len(self.params)} parameters")
+        for p, g in zip(self.params, pseudo_gradient):
+            p.grad = g.to(dtype=p.dtype).reshape(p.shape)
+        self._sgd.step()
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return self._sgd.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sgd.load_state_dict(state)
