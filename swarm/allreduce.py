@@ -196,6 +196,8 @@ class Averager:
             reply, averaged = await read_frame(reader, counter)
             if reply.get("type") != "averaged":
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
+            # Acknowledge: the reducer may shut down once every member has its part, and not before.
+            await write_frame(writer, {"type": "ack"}, counter=counter)
             values = await _maybe_in_thread(self.codec.decode, averaged, part.numel())
             if not torch.isfinite(values).all():
                 raise AllReduceError(f"member {index} ({peer}) sent back a non-finite average")
@@ -252,6 +254,7 @@ class Averager:
             averaged = await asyncio.wait_for(asyncio.shield(rnd.result), self.timeout_seconds)
             try:
                 await write_frame(writer, {"type": "averaged"}, averaged, rnd.counter)
+                await asyncio.wait_for(read_frame(reader, rnd.counter, max_payload=0), self.timeout_seconds)
             finally:
                 # A sender that vanished before our reply does not make our own average any less complete.
                 rnd.served += 1

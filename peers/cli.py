@@ -1,0 +1,236 @@
+"""`swarm-peer`: join a training run (or start one) and train with DiLoCo until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from peers.data import DataLoadError
+from peers.inner import InnerConfig
+from peers.model import ModelLoadError
+from swarm import MatchmakingConfig, NodeConfig, SwarmConfig, SwarmConnectionError
+from swarm.codec import CODECS
+
+logger = logging.getLogger("swarm-peer")
+
+
+def _check_maddrs(flag: str, values) -> list[str]:
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for value in values:
+        try:
+            Multiaddr(value)
+        except Exception as e:
+            raise click.BadParameter(f"{value!r} is not a multiaddr ({e})", param_hint=flag) from None
+    return list(values)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--initial-peers",
+    multiple=True,
+    metavar="MADDR",
+    help="Full multiaddr of a live node (a bootstrap node or any peer); repeat for several. None starts a new swarm.",
+)
+@click.option("--run-id", default="swarm-default", help="Training run to join; peers average only within a run.")
+@click.option("--inner-steps", type=click.IntRange(min=1), default=50, help="H: inner AdamW steps per outer step.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Sequences per inner step.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, help="Tokens per sequence.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Inner AdamW learning rate.")
+@click.option("--outer-lr", type=click.FloatRange(min=0, min_open=True), default=0.7, help="Outer SGD learning rate.")
+@click.option(
+    "--outer-momentum",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.9,
+    help="Outer Nesterov momentum.",
+)
+@click.option(
+    "--model",
+    default="embedded",
+    help="'embedded' (small Llama-style config, no download), a config .json, a local model directory, "
+    "or a transformers model id.",
+)
+@click.option(
+    "--dataset",
+    default="embedded",
+    help="'embedded' (English prose shipped with Python, no download), text/json/csv/parquet files or "
+    "globs (comma-separated), a saved dataset directory, or a datasets name (streamed).",
+)
+@click.option(
+    "--compression", type=click.Choice(sorted(CODECS)), default="int8", help="Wire format of pseudo-gradients."
+)
+@click.option(
+    "--min-group-size",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Smallest group worth averaging with; below it a peer averages alone.",
+)
+@click.option(
+    "--max-group-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest group; default: every live peer of the run.",
+)
+@click.option(
+    "--matchmaking-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    help="Seconds to look for a group before averaging alone.",
+)
+@click.option(
+    "--allreduce-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    help="Seconds one all-reduce may take once the group is formed.",
+)
+@click.option(
+    "--outer-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit 0 after this many outer steps; default: train until stopped.",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Save a checkpoint after every outer step and resume from the newest one on start.",
+)
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Append one JSON line per completed outer step.",
+)
+@click.option("--seed", type=int, default=0, help="Seeds the initial parameters (same on every peer) and data order.")
+@click.option(
+    "--host-maddrs", multiple=True, default=["/ip4/0.0.0.0/tcp/0"], help="Addresses to listen on; repeat for several."
+)
+@click.option("--announce-maddrs", multiple=True, help="Addresses to advertise instead of the listening ones.")
+@click.option(
+    "--identity",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Private key file: a stable peer id across restarts (created if missing).",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    help="Seconds to reach the initial peers before giving up.",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bar; default: only on a terminal.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
+def main(**flags) -> None:
+    """Join a DiLoCo training run over the swarm and contribute to it until stopped."""
+    logging.basicConfig(
+        level=flags["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    config = build_config(flags)
+    sys.exit(asyncio.run(_serve(config)))
+
+
+def build_config(flags: dict):
+    """Validate flags that only make sense together; errors name the flag to fix."""
+    from peers.runner import PeerConfig
+
+    if flags["max_group_size"] is not None and flags["max_group_size"] < flags["min_group_size"]:
+        raise click.BadParameter(
+            f"{flags['max_group_size']} is smaller than --min-group-size {flags['min_group_size']}",
+            param_hint="'--max-group-size'",
+        )
+    if flags["announce_maddrs"]:
+        for maddr in flags["announce_maddrs"]:
+            if maddr.endswith("/tcp/0") or "/tcp/0/" in maddr:
+                raise click.BadParameter(
+                    f"{maddr!r}: announce an explicit port, not 0", param_hint="'--announce-maddrs'"
+                )
+    for maddr in flags["initial_peers"]:
+        if "/p2p/" not in maddr:
+            raise click.BadParameter(
+                f"{maddr!r} lacks the peer id: pass the full address printed by the node, ending in /p2p/<id>",
+                param_hint="'--initial-peers'",
+            )
+    if flags["checkpoint_dir"] and os.path.isfile(flags["checkpoint_dir"]):
+        raise click.BadParameter("is a file, not a directory", param_hint="'--checkpoint-dir'")
+    from swarm.records import validate_run_id
+
+    try:
+        validate_run_id(flags["run_id"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--run-id'") from None
+    node = NodeConfig(
+        initial_peers=_check_maddrs("'--initial-peers'", flags["initial_peers"]),
+        host_maddrs=_check_maddrs("'--host-maddrs'", flags["host_maddrs"]),
+        announce_maddrs=_check_maddrs("'--announce-maddrs'", flags["announce_maddrs"]),
+        identity_path=flags["identity"],
+        connect_timeout_seconds=flags["connect_timeout"],
+    )
+    swarm = SwarmConfig(
+        run_id=flags["run_id"],
+        outer_lr=flags["outer_lr"],
+        outer_momentum=flags["outer_momentum"],
+        compression=flags["compression"],
+        matchmaking=MatchmakingConfig(
+            min_group_size=flags["min_group_size"],
+            max_group_size=flags["max_group_size"],
+            timeout_seconds=flags["matchmaking_timeout"],
+        ),
+        allreduce_timeout_seconds=flags["allreduce_timeout"],
+    )
+    return PeerConfig(
+        node=node,
+        swarm=swarm,
+        inner=InnerConfig(lr=flags["lr"]),
+        inner_steps=flags["inner_steps"],
+        batch_size=flags["batch_size"],
+        seq_len=flags["seq_len"],
+        model=flags["model"],
+        dataset=flags["dataset"],
+        seed=flags["seed"],
+        outer_steps=flags["outer_steps"],
+        checkpoint_dir=flags["checkpoint_dir"],
+        metrics_file=flags["metrics_file"],
+        progress=flags["progress"],
+    )
+
+
+async def _serve(config) -> int:
+    from peers.runner import Peer
+
+    try:
+        peer = await asyncio.to_thread(Peer, config)
+    except (ModelLoadError, DataLoadError, ValueError) as e:
+        logger.error(str(e))
+        return 2
+    loop = asyncio.get_running_loop()
+    signals_seen = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            logger.info(f"{signal.Signals(signum).name}: finishing the current phase, saving, leaving the swarm")
+            peer.request_stop()
+        else:
+            logger.warning("second signal: leaving now without waiting")
+            os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        try:
+            addresses = await peer.start()
+        except SwarmConnectionError as e:
+            logger.error(str(e))
+            return 1
+        lines = "\n".join(f"  --initial-peers {a}" for a in addresses)
+        logger.info(f"peer {peer.node.peer_id} in run {config.swarm.run_id!r}; others can join through:\n{lines}")
+        await peer.run()
+        logger.info(f"done: {peer.completed_steps} outer steps, now at the run's outer step {peer.swarm.global_step}")
+        return 0
+    finally:
+        await peer.close()

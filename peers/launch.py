@@ -1,0 +1,81 @@
+"""Starting the real programs as child processes: for the local-swarm example, benchmarks and end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def _program(name: str) -> list[str]:
+    """Run the console scripts of the interpreter we run under, installed or not."""
+    module = {"swarm-peer": "peers.cli", "swarm-bootstrap": "bootstrap.cli"}[name]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.argv[0] = {name!r}; main()"]
+
+
+def _env(threads: int | None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads is not None:
+        # Several peers on one small machine: one torch thread each avoids oversubscribing the cores.
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+@dataclass
+class Bootstrap:
+    process: subprocess.Popen
+    maddrs: list[str]
+
+
+def start_bootstrap(workdir: str, *extra: str, timeout: float = 60.0) -> Bootstrap:
+    """Start `swarm-bootstrap` on loopback and wait for the addresses it prints."""
+    os.makedirs(workdir, exist_ok=True)
+    args = [*_program("swarm-bootstrap"), "--identity", os.path.join(workdir, "bootstrap.id")]
+    args += ["--host-maddrs", LOOPBACK, *extra]
+    stderr = open(os.path.join(workdir, "bootstrap.log"), "ab")  # noqa: SIM115 - owned by the child from now on
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, env=_env(1), text=True)
+    stderr.close()
+    deadline = time.monotonic() + timeout
+    line = process.stdout.readline()  # the first address comes once the node is up
+    if not line or time.monotonic() > deadline:
+        process.kill()
+        raise RuntimeError(f"swarm-bootstrap did not start; see {workdir}/bootstrap.log")
+    return Bootstrap(process, [line.strip()])
+
+
+def start_peer(workdir: str, name: str, initial_peers: list[str], *extra: str, threads: int | None = 1):
+    """Start `swarm-peer` on loopback; its stdout and stderr go to {workdir}/{name}.log."""
+    os.makedirs(workdir, exist_ok=True)
+    args = [*_program("swarm-peer"), "--host-maddrs", LOOPBACK, "--no-progress"]
+    for maddr in initial_peers:
+        args += ["--initial-peers", maddr]
+    args += list(extra)
+    log = open(os.path.join(workdir, f"{name}.log"), "ab")  # noqa: SIM115 - owned by the child from now on
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
+    log.close()
+    return process
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -1,0 +1,226 @@
+"""The volunteer's training loop: inner loop in a thread, outer step in the swarm, metrics and checkpoints.
+
+`Peer.run()` only sequences phases; each phase lives in its own module (inner.py, swarm.Swarm, checkpoint.py,
+metrics.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from peers.checkpoint import Checkpointer, CheckpointError
+from peers.data import EMBEDDED as EMBEDDED_DATA
+from peers.data import TokenBatcher, load_text_dataset
+from peers.inner import InnerConfig, InnerLoop, InnerResult
+from peers.metrics import MetricsWriter
+from peers.model import EMBEDDED as EMBEDDED_MODEL
+from peers.model import load_model
+from swarm import NodeConfig, OuterStepReport, StepStatus, Swarm, SwarmConfig, SwarmNode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerConfig:
+    node: NodeConfig
+    swarm: SwarmConfig
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    inner_steps: int = 50
+    """H: inner AdamW steps between outer steps."""
+    batch_size: int = 8
+    seq_len: int = 128
+    model: str = EMBEDDED_MODEL
+    dataset: str = EMBEDDED_DATA
+    seed: int = 0
+    """Seeds θ0 (the same on every peer of a run) and, mixed with the peer id, the data order."""
+    outer_steps: int | None = None
+    """Stop after this process completed this many outer steps; None trains until stopped."""
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 3
+    metrics_file: str | None = None
+    progress: bool | None = None
+    """Progress bar: True, False, or None for 'only on a terminal'."""
+
+
+class Peer:
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.stop_requested = threading.Event()
+        self.node: SwarmNode | None = None
+        self.swarm: Swarm | None = None
+        self.metrics: MetricsWriter | None = None
+        self.checkpointer = (
+            Checkpointer(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
+        )
+        self.loaded = load_model(config.model, config.seed)
+        if self.loaded.max_positions is not None and config.seq_len > self.loaded.max_positions:
+            raise ValueError(f"--seq-len {config.seq_len} exceeds the model's {self.loaded.max_positions} positions")
+        self.model = self.loaded.model
+        self.dataset = load_text_dataset(config.dataset)
+        self.completed_steps = 0
+        self._pending_tokens = 0  # tokens of inner work not yet folded into θ (carried after a failed all-reduce)
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    async def start(self) -> list[str]:
+        """Join the swarm; returns this peer's own addresses for others to join through."""
+        self.node = await SwarmNode.create(self.config.node)
+        params = [p.detach() for p in self.model.parameters()]
+        self.swarm = await Swarm.create(self.node, params, self.config.swarm)
+        data_position = self._restore()
+        peer_salt = zlib.crc32(self.node.peer_id.to_bytes())
+        self.batches = TokenBatcher(
+            self.dataset,
+            self.loaded.tokenizer,
+            self.config.batch_size,
+            self.config.seq_len,
+            seed=self.config.seed * 1_000_003 + peer_salt,
+            skip_batches=data_position,
+        )
+        self.inner = InnerLoop(self.model, self.batches, self.config.inner)
+        if self._restored_inner_state is not None:
+            self.inner.optimizer.load_state_dict(self._restored_inner_state)
+        if self.config.metrics_file:
+            self.metrics = MetricsWriter(self.config.metrics_file)
+        return await self.node.visible_maddrs()
+
+    def _restore(self) -> int:
+        self._restored_inner_state = None
+        if self.checkpointer is None:
+            return 0
+        found = self.checkpointer.load_latest()
+        if found is None:
+            return 0
+        state, path = found
+        if state.get("run_id") != self.config.swarm.run_id:
+            raise ValueError(
+                f"--checkpoint-dir holds a checkpoint of run {state.get('run_id')!r}, not {self.config.swarm.run_id!r}:"
+                " use another directory"
+            )
+        self.swarm.load_state_dict(state["swarm"])
+        self.model.load_state_dict(state["model"])
+        self._restored_inner_state = state["inner_optimizer"]
+        self._pending_tokens = int(state.get("pending_tokens", 0))
+        logger.info(f"resumed from {path} at outer step {self.swarm.global_step}")
+        return int(state.get("data_position", 0))
+
+    async def run(self) -> None:
+        """Train until stopped or until the configured number of outer steps is done."""
+        total = None if self.config.outer_steps is None else self.config.outer_steps * self.config.inner_steps
+        bar = tqdm(total=total, unit="step", disable=self._progress_disabled(), dynamic_ncols=True)
+        try:
+            while not self.stop_requested.is_set():
+                if self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps:
+                    break
+                bar.set_description(f"outer step {self.swarm.global_step}")
+                result = await asyncio.to_thread(self._inner_loop, bar)
+                if result.interrupted:
+                    # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
+                    self._pending_tokens += result.tokens
+                    logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
+                    break
+                report = await self._outer_step(result)
+                self._record(result, report)
+                self.completed_steps += 1
+        finally:
+            bar.close()
+            self._save_checkpoint()
+
+    def _progress_disabled(self) -> bool | None:
+        return None if self.config.progress is None else not self.config.progress
+
+    def _inner_loop(self, bar: tqdm) -> InnerResult:
+        started = time.perf_counter()
+        seen = {"tokens": 0}
+
+        def on_step(loss: float, tokens: int) -> None:
+            seen["tokens"] += tokens
+            rate = seen["tokens"] / max(time.perf_counter() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+
+        return self.inner.run(self.config.inner_steps, self.stop_requested, on_step)
+
+    async def _outer_step(self, result: InnerResult) -> OuterStepReport:
+        local = [p.detach() for p in self.model.parameters()]
+        tokens = self._pending_tokens + result.tokens
+        if not math.isfinite(result.loss):
+            # Make sure a poisoned step never reaches anyone: NaN loss means NaN parameters or moments.
+            logger.error(f"inner loss was not finite at outer step {self.swarm.global_step}")
+        report = await self.swarm.outer_step(local, tokens)
+        if report.restart_from_global:
+            with torch.no_grad():
+                for p, g in zip(self.model.parameters(), self.swarm.params):
+                    p.copy_(g)
+            self._pending_tokens = 0
+        else:
+            self._pending_tokens = tokens
+        if report.status == StepStatus.NONFINITE:
+            self.inner.reset_optimizer()
+        try:
+            await asyncio.wait_for(self.swarm.publish_hash(report), 10)
+        except Exception as e:  # the hash record is advisory; training goes on without it
+            logger.debug(f"could not publish the θ hash: {e!r}")
+        return report
+
+    def _record(self, result: InnerResult, report: OuterStepReport) -> None:
+        record = {
+            "run_id": self.config.swarm.run_id,
+            "peer_id": self.node.peer_id.to_base58(),
+            "outer_step": report.outer_step,
+            "loss": result.loss if math.isfinite(result.loss) else None,
+            "tokens": result.tokens,
+            "group_size": report.group_size,
+            "status": report.status.value,
+            "bytes_sent": report.bytes_sent,
+            "bytes_received": report.bytes_received,
+            "compute_seconds": round(result.seconds, 4),
+            "comm_seconds": round(report.comm_seconds, 4),
+            "params_sha256": report.params_sha256,
+            "time": time.time(),
+        }
+        if report.error:
+            record["error"] = report.error
+        if self.metrics is not None:
+            self.metrics.write(record)
+        logger.info(
+            f"outer step {report.outer_step}: loss {result.loss:.4f}, group {report.group_size} ({report.status.value}),"
+            f" sent {report.bytes_sent / 1e6:.2f} MB, received {report.bytes_received / 1e6:.2f} MB,"
+            f" comm {report.comm_seconds:.2f}s, compute {result.seconds:.2f}s, θ {report.params_sha256[:12]}"
+        )
+        self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        if self.checkpointer is None or self.swarm is None or not hasattr(self, "inner"):
+            return
+        state = {
+            "run_id": self.config.swarm.run_id,
+            "swarm": self.swarm.state_dict(),
+            "model": self.model.state_dict(),
+            "inner_optimizer": self.inner.optimizer.state_dict(),
+            "data_position": self.batches.position,
+            "pending_tokens": self._pending_tokens,
+        }
+        try:
+            self.checkpointer.save(state, self.swarm.global_step)
+        except CheckpointError as e:
+            # Training state in memory is intact: keep training, say so loudly, try again next step.
+            logger.error(f"{e}; training continues, the next outer step tries again")
+
+    async def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.swarm is not None:
+            await self.swarm.close()
+        if self.node is not None:
+            await self.node.close()
