@@ -194,7 +194,8 @@ class Peer:
         if self.metrics is not None:
             self.metrics.write(record)
         logger.info(
-            f"outer step {report.outer_step}: loss {result.loss:.4f}, group {report.group_size} ({report.status.value}),"
+            f"outer step {report.outer_step}: loss {result.loss:.4f},"
+            f" group {report.group_size} ({report.status.value}),"
             f" sent {report.bytes_sent / 1e6:.2f} MB, received {report.bytes_received / 1e6:.2f} MB,"
             f" comm {report.comm_seconds:.2f}s, compute {result.seconds:.2f}s, θ {report.params_sha256[:12]}"
         )
