@@ -101,6 +101,7 @@ class Matchmaker:
         self._looking: _Looking | None = None
         self._heartbeat_task: asyncio.Task | None = None
         self._heartbeat_now = asyncio.Event()
+        self._closing = False
 
     @property
     def peer_id(self) -> PeerID:
@@ -111,10 +112,13 @@ class Matchmaker:
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
 
     async def close(self) -> None:
+        self._closing = True
+        self._heartbeat_now.set()
         if self._heartbeat_task is not None:
+            # Python 3.11's wait_for can swallow a cancellation that races with its inner future: the flag above
+            # ends the loop either way, and the wait below is bounded.
             self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heartbeat_task
+            await asyncio.wait({self._heartbeat_task}, timeout=5)
             self._heartbeat_task = None
         with contextlib.suppress(Exception):
             await self.node.p2p.remove_binary_stream_handler(self._protocol)
@@ -128,7 +132,7 @@ class Matchmaker:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval_seconds
-        while True:
+        while not self._closing:
             value = records.Heartbeat(self.peer_id, self.outer_step, self.schema, 0.0).to_value()
             try:
                 await self.node.dht.store(

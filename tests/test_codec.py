@@ -1,0 +1,104 @@
+"""The wire codecs: any shape and dtype, bounded error, compact payloads, identical decoding everywhere."""
+
+import pytest
+import torch
+
+from swarm.codec import Blockwise8BitCompression, CodecError, make_codec
+
+CODECS = ["none", "fp16", "int8"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.tensor(3.5),  # 0-d
+        lambda: torch.zeros(0),  # empty
+        lambda: torch.randn(1),
+        lambda: torch.randn(257),  # odd, one past a block
+        lambda: torch.randn(7, 13).t(),  # non-contiguous
+        lambda: torch.randn(1000).to(torch.bfloat16),
+        lambda: torch.randn(1000).to(torch.float16),
+        lambda: torch.zeros(600),  # all-zero blocks
+    ],
+)
+def test_roundtrip_any_shape_and_dtype(name, make):
+    codec = make_codec(name)
+    x = make()
+    flat = x.reshape(-1).float()
+    payload = codec.encode(x)
+    assert len(payload) == codec.encoded_size(flat.numel())
+    y = codec.decode(payload, flat.numel())
+    assert y.dtype == torch.float32 and y.shape == (flat.numel(),)
+    tolerance = {"none": 0.0, "fp16": 1e-3, "int8": 0.01}[name]
+    assert torch.allclose(y, flat, atol=tolerance * max(1.0, float(flat.abs().max()) if flat.numel() else 1.0))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("dist", ["gaussian", "student_t3"])
+def test_int8_error_and_size(dist):
+    torch.manual_seed(0)
+    n = 1_000_003
+    if dist == "gaussian":
+        x = torch.randn(n)
+    else:
+        x = torch.distributions.StudentT(3.0).sample((n,))
+    codec = Blockwise8BitCompression()
+    payload = codec.encode(x)
+    y = codec.decode(payload, n)
+    assert len(payload) / (4 * n) <= 0.26
+    # 256-value absmax blocks: 0.7% on Gaussian data; heavy tails cost precision inside the outlier's block.
+    assert float((y - x).norm() / x.norm()) <= (0.01 if dist == "gaussian" else 0.02)
+    # No clipping: every value's error is within half its own block's scale (absmax / 127).
+    bs = codec.block_size
+    pad = (-n) % bs
+    blocks = torch.cat([x, torch.zeros(pad)]).view(-1, bs)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+    err = torch.cat([(y - x), torch.zeros(pad)]).view(-1, bs).abs()
+    # (plus float32 rounding of x / scale * scale, at most a few ulps of the absmax)
+    assert bool((err <= scale * (0.5 + 1e-5)).all())
+
+
+@pytest.mark.timeout(30)
+def test_decoding_is_bit_identical():
+    codec = make_codec("int8")
+    payload = codec.encode(torch.randn(10_000))
+    a, b = codec.decode(payload, 10_000), codec.decode(bytes(payload), 10_000)
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", CODECS)
+def test_payload_of_wrong_size_is_refused(name):
+    codec = make_codec(name)
+    payload = codec.encode(torch.randn(100))
+    with pytest.raises(CodecError):
+        codec.decode(payload[:-1], 100)
+    with pytest.raises(CodecError):
+        codec.decode(payload, 101)
+
+
+@pytest.mark.timeout(30)
+def test_int8_refuses_nonfinite_scales_and_other_block_sizes():
+    codec = Blockwise8BitCompression()
+    payload = bytearray(codec.encode(torch.randn(300)))
+    payload[4:8] = b"\x00\x00\xc0\x7f"  # NaN as the first scale
+    with pytest.raises(CodecError, match="non-finite"):
+        codec.decode(bytes(payload), 300)
+    other = Blockwise8BitCompression(block_size=128)
+    with pytest.raises(CodecError):
+        other.decode(codec.encode(torch.randn(256)), 256)
+
+
+@pytest.mark.timeout(30)
+def test_fp16_saturates_instead_of_sending_inf():
+    codec = make_codec("fp16")
+    y = codec.decode(codec.encode(torch.tensor([1e6, -1e6, 1.0])), 3)
+    assert torch.isfinite(y).all() and y[0] == 65504.0 and y[1] == -65504.0
+
+
+@pytest.mark.timeout(30)
+def test_unknown_codec_name():
+    with pytest.raises(ValueError, match="unknown compression"):
+        make_codec("int4")

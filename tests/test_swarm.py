@@ -1,0 +1,180 @@
+"""DiLoCo across real swarm nodes in one event loop: discovery, matchmaking, all-reduce, outer step."""
+
+import asyncio
+
+import pytest
+import torch
+
+from swarm import MatchmakingConfig, StepStatus, Swarm, SwarmConfig
+from tests.conftest import swarm_of
+
+SHAPES = [(64, 33), (33,), (5, 7, 3), ()]
+
+
+def make_params(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for shape in SHAPES]
+
+
+def perturbed(params, seed: int, scale: float = 0.05) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return [p - scale * torch.randn(p.shape, generator=g) for p in params]
+
+
+def config(run_id="test", compression="none", min_group_size=2, timeout=15.0, **kwargs) -> SwarmConfig:
+    mm = MatchmakingConfig(min_group_size=min_group_size, timeout_seconds=timeout, **kwargs)
+    return SwarmConfig(run_id=run_id, compression=compression, matchmaking=mm, allreduce_timeout_seconds=20)
+
+
+async def make_swarms(nodes, params, cfg_for):
+    return [await Swarm.create(node, params, cfg_for(i)) for i, node in enumerate(nodes)]
+
+
+def reference_outer_step(theta, locals_, tokens, lr=0.7, momentum=0.9, momentum_buffers=None):
+    """DiLoCo by hand: token-weighted mean of pseudo-gradients, then torch.optim.SGD(nesterov=True)."""
+    params = [torch.nn.Parameter(t.clone()) for t in theta]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+    if momentum_buffers is not None:
+        opt.load_state_dict(momentum_buffers)
+    total = sum(tokens)
+    for i, p in enumerate(params):
+        p.grad = sum(w / total * (theta[i] - loc[i]) for w, loc in zip(tokens, locals_, strict=True))
+    opt.step()
+    return [p.detach() for p in params], opt.state_dict()
+
+
+@pytest.mark.timeout(120)
+async def test_four_peers_find_each_other_through_bootstrap_and_average():
+    async with swarm_of(4) as (bootstrap, nodes):
+        theta = make_params()
+        swarms = await make_swarms(nodes, theta, lambda i: config())
+        try:
+            tokens = [100, 200, 300, 400]
+            locals_ = [perturbed(theta, i) for i in range(4)]
+            reports = await asyncio.gather(*[s.outer_step(loc, t) for s, loc, t in zip(swarms, locals_, tokens)])
+            assert [r.group_size for r in reports] == [4, 4, 4, 4]
+            assert all(r.status == StepStatus.AVERAGED for r in reports)
+            assert all(r.bytes_sent > 0 and r.bytes_received > 0 for r in reports)
+            # The nodes only knew the bootstrap node; they found each other through the DHT.
+            for node in nodes:
+                assert await node.num_dht_peers() >= 4
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(120)
+async def test_outer_step_equals_reference_diloco_without_compression():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        swarms = await make_swarms(nodes, theta, lambda i: config())
+        try:
+            expected, state = theta, None
+            for step in range(3):
+                tokens = [128 * (i + 1) + step for i in range(3)]
+                locals_ = [perturbed([p.clone() for p in swarms[0].params], 10 * step + i) for i in range(3)]
+                reports = await asyncio.gather(*[s.outer_step(loc, t) for s, loc, t in zip(swarms, locals_, tokens)])
+                assert [r.group_size for r in reports] == [3, 3, 3]
+                expected, state = reference_outer_step(expected, locals_, tokens, momentum_buffers=state)
+                for s in swarms:
+                    for got, want in zip(s.params, expected, strict=True):
+                        assert torch.allclose(got, want, atol=1e-6, rtol=0), f"step {step}: differs from reference"
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("compression", ["int8", "fp16"])
+async def test_group_members_hold_identical_parameters_after_every_step(compression):
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        swarms = await make_swarms(nodes, theta, lambda i: config(compression=compression))
+        try:
+            for step in range(3):
+                locals_ = [perturbed([p.clone() for p in s.params], 10 * step + i) for i, s in enumerate(swarms)]
+                reports = await asyncio.gather(
+                    *[s.outer_step(loc, 100 + 7 * i) for i, (s, loc) in enumerate(zip(swarms, locals_))]
+                )
+                assert [r.group_size for r in reports] == [3, 3, 3]
+                assert len({r.params_sha256 for r in reports}) == 1
+                assert all(r.outer_step == step + 1 for r in reports)
+                for s in swarms[1:]:
+                    for a, b in zip(s.params, swarms[0].params, strict=True):
+                        assert torch.equal(a, b)
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(120)
+async def test_peers_of_another_run_never_join_the_group():
+    async with swarm_of(4) as (_, nodes):
+        theta = make_params()
+        swarms = await make_swarms(nodes, theta, lambda i: config(run_id="run-a" if i < 2 else "run-b"))
+        try:
+            locals_ = [perturbed(theta, i) for i in range(4)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [2, 2, 2, 2]
+            assert reports[0].params_sha256 == reports[1].params_sha256
+            assert reports[2].params_sha256 == reports[3].params_sha256
+            assert reports[0].params_sha256 != reports[2].params_sha256
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(120)
+async def test_peer_with_another_codec_is_never_grouped():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        codecs = ["int8", "int8", "none"]
+        swarms = await make_swarms(nodes, theta, lambda i: config(compression=codecs[i], timeout=4))
+        try:
+            locals_ = [perturbed(theta, i) for i in range(3)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [2, 2, 1]
+            assert reports[2].status == StepStatus.ALONE
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(60)
+async def test_no_group_within_timeout_applies_own_pseudo_gradient():
+    async with swarm_of(1) as (_, nodes):
+        theta = make_params()
+        (swarm,) = await make_swarms(nodes, theta, lambda i: config(timeout=2))
+        try:
+            local = perturbed(theta, 0)
+            started = asyncio.get_running_loop().time()
+            report = await swarm.outer_step(local, 100)
+            assert report.group_size == 1 and report.status == StepStatus.ALONE
+            assert asyncio.get_running_loop().time() - started < 6
+            expected, _ = reference_outer_step(theta, [local], [100])
+            for got, want in zip(swarm.params, expected, strict=True):
+                assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        finally:
+            await swarm.close()
+
+
+@pytest.mark.timeout(120)
+async def test_nonfinite_pseudo_gradient_is_never_sent_and_others_average_without_it():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        swarms = await make_swarms(nodes, theta, lambda i: config())
+        try:
+            locals_ = [perturbed(theta, i) for i in range(3)]
+            locals_[2][0][0, 0] = float("nan")
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert reports[2].status == StepStatus.NONFINITE and "NaN" in reports[2].error
+            assert all(torch.equal(a, b) for a, b in zip(swarms[2].params, theta))  # θ untouched
+            assert [r.group_size for r in reports[:2]] == [2, 2]
+            expected, _ = reference_outer_step(theta, locals_[:2], [100, 100])
+            for s in swarms[:2]:
+                assert all(torch.isfinite(p).all() for p in s.params)
+                for got, want in zip(s.params, expected, strict=True):
+                    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        finally:
+            for s in swarms:
+                await s.close()
