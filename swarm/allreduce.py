@@ -155,7 +155,7 @@ class Averager:
             raise AllReduceError(
                 f"all-reduce of group {group.group_id.hex()} timed out after {self.timeout_seconds}s"
             ) from None
-        except (AllReduceError, ProtocolError, CodecError, ConnectionError, asyncio.IncompleteReadError) as e:
+        except Exception as e:  # any failure to reach or hear from a member (daemon errors included) fails the round
             rnd.fail(str(e))
             raise AllReduceError(f"all-reduce of group {group.group_id.hex()} failed: {e!r}") from e
         finally:

@@ -1,0 +1,114 @@
+"""Bad input over the network: malformed messages, incompatible peers, a member that never contributes."""
+
+import asyncio
+
+import msgpack
+import pytest
+import torch
+
+from swarm import StepStatus, Swarm
+from swarm.allreduce import AllReduceError
+from swarm.matchmaking import Group
+from swarm.wire import read_frame, write_frame
+from tests.conftest import swarm_of
+from tests.test_swarm import config, make_params, perturbed
+
+
+async def _raw_request(node, peer_id, protocol: str, data: bytes) -> tuple[dict, bytes]:
+    _, reader, writer = await node.p2p.call_binary_stream_handler(peer_id, protocol)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(read_frame(reader), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.timeout(120)
+async def test_malformed_messages_are_refused_and_the_peer_keeps_working():
+    async with swarm_of(2) as (_, nodes):
+        theta = make_params()
+        swarms = [await Swarm.create(n, theta, config()) for n in nodes]
+        try:
+            target = nodes[0].peer_id
+            garbage = b"\x05\x00\x00\x00\xc1\xc1\xc1\xc1\xc1"  # a 5-byte header that is not msgpack
+            for protocol in ("swarm/test/join/1", "swarm/test/reduce/1"):
+                reply, _ = await _raw_request(nodes[1], target, protocol, garbage)
+                assert reply["type"] in ("rejected", "error")
+                assert "msgpack" in reply.get("reason", "")
+            # A well-formed frame with fields of the wrong type.
+            header = msgpack.packb({"type": "join", "step": "zero", "schema": 1, "deadline": None, "nbytes": 0})
+            frame = len(header).to_bytes(4, "little") + header
+            reply, _ = await _raw_request(nodes[1], target, "swarm/test/join/1", frame)
+            assert reply["type"] == "rejected" and "step" in reply["reason"]
+            # Both peers still average together afterwards.
+            locals_ = [perturbed(theta, i) for i in range(2)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 10) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [2, 2]
+            assert reports[0].params_sha256 == reports[1].params_sha256
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(60)
+async def test_join_with_another_schema_gets_a_clear_refusal():
+    async with swarm_of(2) as (_, nodes):
+        theta = make_params()
+        leader = await Swarm.create(nodes[0], theta, config(timeout=10))
+        try:
+            looking = asyncio.create_task(leader.outer_step(perturbed(theta, 0), 10))
+            await asyncio.sleep(0.5)  # let it declare itself and start accepting joins
+            _, reader, writer = await nodes[1].p2p.call_binary_stream_handler(nodes[0].peer_id, "swarm/test/join/1")
+            await write_frame(writer, {"type": "join", "step": 0, "schema": "f" * 32, "deadline": 1e12})
+            reply, _ = await asyncio.wait_for(read_frame(reader), 10)
+            writer.close()
+            assert reply["type"] == "rejected" and "incompatible schema" in reply["reason"]
+            report = await looking
+            assert report.group_size == 1
+        finally:
+            await leader.close()
+
+
+@pytest.mark.timeout(120)
+async def test_member_that_never_contributes_fails_the_round_and_nothing_partial_is_applied():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        cfg = config()
+        cfg.allreduce_timeout_seconds = 3
+        swarms = [await Swarm.create(n, theta, cfg) for n in nodes]
+        try:
+            # Fault: peer 2 joins the group of step 0, then goes silent (it never sends its part).
+            async def silent_member():
+                group = await swarms[2].matchmaker.form_group(0)
+                assert isinstance(group, Group) and group.size == 3
+                return group
+
+            locals_ = [perturbed(theta, i) for i in range(2)]
+            *reports, _ = await asyncio.gather(
+                swarms[0].outer_step(locals_[0], 10), swarms[1].outer_step(locals_[1], 10), silent_member()
+            )
+            for swarm, report in zip(swarms[:2], reports):
+                assert report.status == StepStatus.ALLREDUCE_FAILED and report.group_size == 3
+                assert not report.restart_from_global  # the caller keeps its local work for the next step
+                assert all(torch.equal(a, b) for a, b in zip(swarm.params, theta))  # θ untouched
+                assert report.outer_step == 1
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(60)
+async def test_all_reduce_refuses_bad_weights():
+    async with swarm_of(2) as (_, nodes):
+        swarm = await Swarm.create(nodes[0], make_params(), config())
+        try:
+            group = Group(b"x" * 16, 0, (nodes[0].peer_id, nodes[1].peer_id), 0)
+            with pytest.raises(ValueError, match="weight"):
+                await swarm.averager.all_reduce(group, torch.zeros(10), float("nan"))
+            with pytest.raises(AllReduceError):
+                # The other member runs no averager for this run: the round cannot complete.
+                swarm.averager.timeout_seconds = 2
+                await swarm.averager.all_reduce(group, torch.zeros(10), 1.0)
+        finally:
+            await swarm.close()
