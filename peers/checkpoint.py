@@ -42,10 +42,10 @@ class Checkpointer:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from e
+            raise CheckpointError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
         for old in self._paths()[: -self.keep]:
             os.remove(old)
         return path
@@ -63,3 +63,13 @@ class Checkpointer:
             except Exception as e:
                 logger.warning(f"checkpoint {path} is unreadable ({e}); trying the previous one")
         return None
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's words for a failure (e.g. 'No space left on device'), wherever it is in the chain."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(error)
