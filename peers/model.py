@@ -35,7 +35,7 @@ class ByteTokenizer:
 
 
 def embedded_config():
-    """A small Llama-style model (about 0.6M parameters) that trains visibly within minutes on a CPU."""
+    """A small Llama-style model (435K parameters) that trains visibly within minutes on a CPU."""
     from transformers import LlamaConfig
 
     return LlamaConfig(

@@ -78,6 +78,10 @@ class Peer:
         params = [p.detach() for p in self.model.parameters()]
         self.swarm = await Swarm.create(self.node, params, self.config.swarm)
         data_position = self._restore()
+        if await self.swarm.catch_up():
+            # The run is ahead of us (a newcomer, or a checkpoint older than the swarm): start from its θ.
+            self._load_global_into_model()
+            self._pending_tokens = 0
         peer_salt = zlib.crc32(self.node.peer_id.to_bytes())
         self.batches = TokenBatcher(
             self.dataset,
@@ -159,9 +163,7 @@ class Peer:
             logger.error(f"inner loss was not finite at outer step {self.swarm.global_step}")
         report = await self.swarm.outer_step(local, tokens)
         if report.restart_from_global:
-            with torch.no_grad():
-                for p, g in zip(self.model.parameters(), self.swarm.params):
-                    p.copy_(g)
+            self._load_global_into_model()
             self._pending_tokens = 0
         else:
             self._pending_tokens = tokens
@@ -172,6 +174,11 @@ class Peer:
         except Exception as e:  # the hash record is advisory; training goes on without it
             logger.debug(f"could not publish the θ hash: {e!r}")
         return report
+
+    @torch.no_grad()
+    def _load_global_into_model(self) -> None:
+        for p, g in zip(self.model.parameters(), self.swarm.params, strict=True):
+            p.copy_(g)
 
     def _record(self, result: InnerResult, report: OuterStepReport) -> None:
         record = {

@@ -29,6 +29,7 @@ from swarm.flat import flatten, unflatten
 from swarm.matchmaking import Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import OuterOptimizer
+from swarm.state import RunState, StateServer, fetch_state, majority_hash, snapshot_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class StepStatus(str, enum.Enum):
     ALONE = "alone"  # no group found: own Δ applied
     ALLREDUCE_FAILED = "allreduce_failed"  # θ unchanged, local work carried into the next step
     NONFINITE = "nonfinite"  # Δ had NaN/inf: θ unchanged, caller restarts from θ
+    RESYNCED = "resynced"  # the run was ahead: θ taken over from peers, own Δ dropped, caller restarts from θ
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Swarm:
         self.matchmaker = Matchmaker(node, config.run_id, self.schema, config.matchmaking)
         self.averager = Averager(node, config.run_id, self.codec, config.allreduce_timeout_seconds)
         self.global_step = outer_step
+        self.state_server = StateServer(node, config.run_id, self.schema, self._snapshot)
 
     @classmethod
     async def create(
@@ -103,12 +106,45 @@ class Swarm:
         self = cls(node, params, config, outer_step)
         self.matchmaker.set_outer_step(outer_step)
         await self.averager.start()
+        await self.state_server.start()
         await self.matchmaker.start()
         return self
 
     async def close(self) -> None:
         await self.matchmaker.close()
+        await self.state_server.close()
         await self.averager.close()
+
+    def _snapshot(self) -> RunState:
+        return snapshot_of(self.global_step, self.params, self.outer.momentum())
+
+    async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
+        """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
+        me = self.node.peer_id
+        live = await self.matchmaker.live_peers()
+        ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
+        numel = sum(p.numel() for p in self.params)
+        for donor in sorted(ahead, key=lambda h: -h.outer_step):
+            try:
+                state = await fetch_state(
+                    self.node, self.state_server.protocol, self.schema, donor.peer_id, numel, timeout_seconds
+                )
+                if state.outer_step <= self.global_step:
+                    continue
+                expected = await majority_hash(self.node, self.config.run_id, state.outer_step)
+                if expected is not None and expected != state.sha256():
+                    logger.warning(f"peer {donor.peer_id} sent θ of step {state.outer_step} that most peers disown")
+                    continue
+            except Exception as e:
+                logger.warning(f"could not take the run's state from {donor.peer_id}: {e!r}; trying another peer")
+                continue
+            momentum = None if state.momentum is None else unflatten(state.momentum, self.params)
+            self.outer.load(unflatten(state.params, self.params), momentum)
+            logger.info(f"caught up with the run: outer step {self.global_step} -> {state.outer_step}")
+            self.global_step = state.outer_step
+            self.matchmaker.set_outer_step(self.global_step)
+            return True
+        return False
 
     def params_sha256(self) -> str:
         return records.params_sha256(self.params)
@@ -128,6 +164,9 @@ class Swarm:
         if tokens <= 0 or not math.isfinite(tokens):
             raise ValueError(f"tokens must be positive, got {tokens}")
 
+        if await self.catch_up():
+            # The run moved on without us (we were too slow or cut off): our Δ is against a stale θ.
+            return self._advance(StepStatus.RESYNCED, 0, started, next_step=False)
         group = await self.matchmaker.form_group(step)
         if group is None or group.size == 1:
             logger.info(f"outer step {step}: no group within {self.config.matchmaking.timeout_seconds:.0f}s, alone")
@@ -145,9 +184,10 @@ class Swarm:
     def _apply(self, flat_delta: torch.Tensor) -> None:
         self.outer.step(unflatten(flat_delta, self.params))
 
-    def _advance(self, status, group_size, started, sent=0, received=0, error=None) -> OuterStepReport:
-        self.global_step += 1
-        self.matchmaker.set_outer_step(self.global_step)
+    def _advance(self, status, group_size, started, sent=0, received=0, error=None, next_step=True) -> OuterStepReport:
+        if next_step:
+            self.global_step += 1
+            self.matchmaker.set_outer_step(self.global_step)
         digest = self.params_sha256()
         return OuterStepReport(
             outer_step=self.global_step,

@@ -34,6 +34,21 @@ class OuterOptimizer:
         for p in self.params:
             p.grad = None
 
+    def momentum(self) -> list[torch.Tensor] | None:
+        """The momentum buffers, or None before the first step."""
+        buffers = [self._sgd.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        return None if any(b is None for b in buffers) else buffers
+
+    @torch.no_grad()
+    def load(self, params: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor] | None) -> None:
+        """Take over parameters and momentum received from another peer."""
+        for p, q in zip(self.params, params, strict=True):
+            p.copy_(q.reshape(p.shape))
+        self._sgd.state.clear()
+        if momentum is not None:
+            for p, m in zip(self.params, momentum, strict=True):
+                self._sgd.state[p] = {"momentum_buffer": m.reshape(p.shape).clone()}
+
     def state_dict(self) -> dict:
         return self._sgd.state_dict()
 

@@ -178,3 +178,34 @@ async def test_nonfinite_pseudo_gradient_is_never_sent_and_others_average_withou
         finally:
             for s in swarms:
                 await s.close()
+
+
+@pytest.mark.timeout(120)
+async def test_newcomer_takes_over_the_runs_state_then_averages_with_it():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        early = await make_swarms(nodes[:2], theta, lambda i: config())
+        late = None
+        try:
+            for step in range(2):
+                locals_ = [perturbed([p.clone() for p in s.params], 10 * step + i) for i, s in enumerate(early)]
+                reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(early, locals_)])
+                for s, r in zip(early, reports):
+                    await s.publish_hash(r)
+            late = await Swarm.create(nodes[2], theta, config())
+            assert late.global_step == 0
+            assert await late.catch_up()
+            assert late.global_step == 2
+            assert late.params_sha256() == early[0].params_sha256()
+            for a, b in zip(late.outer.momentum(), early[0].outer.momentum(), strict=True):
+                assert torch.equal(a, b)
+            everyone = [*early, late]
+            locals_ = [perturbed([p.clone() for p in s.params], 100 + i) for i, s in enumerate(everyone)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(everyone, locals_)])
+            assert [r.group_size for r in reports] == [3, 3, 3]
+            assert [r.outer_step for r in reports] == [3, 3, 3]
+            assert len({r.params_sha256 for r in reports}) == 1
+        finally:
+            for s in [*early, late]:
+                if s is not None:
+                    await s.close()
