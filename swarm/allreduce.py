@@ -138,18 +138,16 @@ class Averager:
         rnd.add(group.my_index, float(weight), own)
         rnd.configured.set()
         reducer = asyncio.create_task(self._reduce(rnd))
-        senders = [
-            self._exchange(group, i, flat[a:b], float(weight), rnd.counter)
+        tasks = [asyncio.create_task(self._own_result(rnd))] + [
+            asyncio.create_task(self._exchange(group, i, flat[a:b], float(weight), rnd.counter))
             for i, (a, b) in enumerate(bounds)
             if i != group.my_index
         ]
+        # We also wait until our averaged part went out to every member: then the byte counts are complete,
+        # and nobody is left waiting on us when we return.
+        tasks.append(asyncio.create_task(rnd.all_served.wait()))
         try:
-            # We also wait until our averaged part went out to every member: then the byte counts are complete,
-            # and nobody is left waiting on us when we return.
-            parts, _ = await asyncio.wait_for(
-                asyncio.gather(asyncio.gather(self._own_result(rnd), *senders), rnd.all_served.wait()),
-                timeout=self.timeout_seconds,
-            )
+            *parts, _ = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.timeout_seconds)
         except asyncio.TimeoutError:
             rnd.fail("timed out")
             raise AllReduceError(
@@ -159,7 +157,8 @@ class Averager:
             rnd.fail(str(e))
             raise AllReduceError(f"all-reduce of group {group.group_id.hex()} failed: {e!r}") from e
         finally:
-            reducer.cancel()
+            for task in [reducer, *tasks]:
+                task.cancel()  # gather leaves the others running when one fails
             # Keep the round a little for late replies in flight, then forget it.
             asyncio.get_running_loop().call_later(
                 self.timeout_seconds, lambda gid=group.group_id: self._rounds.pop(gid, None)
