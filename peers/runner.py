@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from peers.checkpoint import Checkpointer, CheckpointError
 from peers.data import EMBEDDED as EMBEDDED_DATA
@@ -122,23 +123,27 @@ class Peer:
         """Train until stopped or until the configured number of outer steps is done."""
         total = None if self.config.outer_steps is None else self.config.outer_steps * self.config.inner_steps
         bar = tqdm(total=total, unit="step", disable=self._progress_disabled(), dynamic_ncols=True)
-        try:
-            while not self.stop_requested.is_set():
-                if self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps:
-                    break
-                bar.set_description(f"outer step {self.swarm.global_step}")
-                result = await asyncio.to_thread(self._inner_loop, bar)
-                if result.interrupted:
-                    # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
-                    self._pending_tokens += result.tokens
-                    logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
-                    break
-                report = await self._outer_step(result)
-                self._record(result, report)
-                self.completed_steps += 1
-        finally:
-            bar.close()
-            self._save_checkpoint()
+        with logging_redirect_tqdm():  # log lines print above the bar instead of through it
+            try:
+                await self._train(bar)
+            finally:
+                bar.close()
+                self._save_checkpoint()
+
+    async def _train(self, bar: tqdm) -> None:
+        while not self.stop_requested.is_set():
+            if self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps:
+                break
+            bar.set_description(f"outer step {self.swarm.global_step + 1}")
+            result = await asyncio.to_thread(self._inner_loop, bar)
+            if result.interrupted:
+                # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
+                self._pending_tokens += result.tokens
+                logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
+                break
+            report = await self._outer_step(result)
+            self._record(result, report)
+            self.completed_steps += 1
 
     def _progress_disabled(self) -> bool | None:
         return None if self.config.progress is None else not self.config.progress

@@ -169,7 +169,9 @@ class Swarm:
             return self._advance(StepStatus.RESYNCED, 0, started, next_step=False)
         group = await self.matchmaker.form_group(step)
         if group is None or group.size == 1:
-            logger.info(f"outer step {step}: no group within {self.config.matchmaking.timeout_seconds:.0f}s, alone")
+            timeout = self.config.matchmaking.timeout_seconds
+            why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
+            logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
             self._apply(delta)
             return self._advance(StepStatus.ALONE, 1, started)
         try:
