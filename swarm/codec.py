@@ -88,15 +88,22 @@ class Float16Compression(Codec):
 
 
 class Blockwise8BitCompression(Codec):
-    """Symmetric absmax int8 per block of `block_size` values, one float32 scale per block.
+    """8 bits per value on square-law levels, one float32 absmax per block of `block_size` values.
 
-    Layout: [u32 block_size][float32 scales x n_blocks][int8 codes x numel]. With 256-value blocks the payload is
-    (1 + 4/256) / 4 = 0.254x of fp32, and the error of each value is at most half its block's scale (absmax / 254),
-    so an outlier only costs precision inside its own block, never clips.
+    Layout: [u32 block_size][float32 absmax x n_blocks][int8 codes x numel]. A code c stands for
+    sign(c) * (|c| / 127)^2 * absmax: the levels are dense near zero, where most of a pseudo-gradient lives, and
+    coarse near the block's largest value. With 256-value blocks the payload is (1 + 4/256) / 4 = 0.254x of fp32, the
+    relative L2 error about 0.7% on Gaussian and 0.8% on Student-t(3) data (uniform levels: 0.7% and 1.9%), and
+    no value is ever clipped: each value's error is at most its block's absmax / 127.
+
+    Decoding is a table lookup and one float32 multiply: the table holds k^2/16129 rounded once from exact double
+    arithmetic, so every machine decodes the same bytes to the same bits (no pow or sqrt on the decoding path).
     """
 
-    name, version = "int8-blockwise", 1
+    name, version = "int8-sqblock", 1
     _HEADER = struct.Struct("<I")
+    # Code byte b (as uint8) -> signed level; -128, never produced, decodes to -(128/127)^2.
+    _SIGNED_LEVELS = np.array([(1 if c < 128 else -1) * min(c, 256 - c) ** 2 / 16129 for c in range(256)], "<f4")
 
     def __init__(self, block_size: int = 256):
         if block_size <= 0:
@@ -113,14 +120,17 @@ class Blockwise8BitCompression(Codec):
         padded = torch.zeros(n_blocks * bs, dtype=torch.float32)
         padded[:numel] = flat
         blocks = padded.view(n_blocks, bs)
-        scales = blocks.abs().amax(dim=1) / 127.0
-        # A block of zeros has scale 0: divide by 1 instead, its codes are 0 anyway.
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        codes = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        magnitude = blocks.abs()
+        absmax = magnitude.amax(dim=1)
+        # A block of zeros has absmax 0: divide by 1 instead, its codes are 0 anyway.
+        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        # round(127 * sqrt(|x| / absmax)) as round(sqrt(|x| * 127^2 / absmax)), in place: few passes over memory.
+        magnitude.mul_((16129.0 / safe)[:, None]).sqrt_().round_().clamp_(max=127)
+        codes = magnitude.copysign_(blocks).to(torch.int8)
         return b"".join(
             (
                 self._HEADER.pack(bs),
-                scales.numpy().astype("<f4", copy=False).tobytes(),
+                absmax.numpy().astype("<f4", copy=False).tobytes(),
                 codes.view(-1)[:numel].numpy().tobytes(),
             )
         )
@@ -134,14 +144,18 @@ class Blockwise8BitCompression(Codec):
             raise CodecError(f"int8 payload uses blocks of {bs}, this peer uses {self.block_size}")
         n_blocks = self._n_blocks(numel)
         offset = self._HEADER.size
-        scales = np.frombuffer(payload, dtype="<f4", count=n_blocks, offset=offset)
+        absmax = np.frombuffer(payload, dtype="<f4", count=n_blocks, offset=offset)
         codes = np.frombuffer(payload, dtype=np.int8, count=numel, offset=offset + 4 * n_blocks)
-        if not np.isfinite(scales).all():
-            raise CodecError("int8 payload carries a non-finite scale")
-        out = torch.zeros(n_blocks * bs, dtype=torch.float32)
-        out[:numel] = torch.from_numpy(codes.astype(np.float32))
-        out = out.view(n_blocks, bs).mul_(torch.from_numpy(scales.astype(np.float32))[:, None])
-        return out.view(-1)[:numel].clone()
+        absmax = absmax.astype(np.float32)
+        if not np.isfinite(absmax).all() or (absmax < 0).any():
+            raise CodecError("int8 payload carries a non-finite or negative scale")
+        # One lookup (sign folded into the table, indexed by the code's byte) and one multiply per value.
+        out = self._SIGNED_LEVELS[codes.view(np.uint8)]
+        full = (numel // bs) * bs
+        out[:full].reshape(-1, bs)[...] *= absmax[: numel // bs, None]
+        if full < numel:
+            out[full:] *= absmax[-1]
+        return torch.from_numpy(out)
 
     def encoded_size(self, numel: int) -> int:
         return self._HEADER.size + 4 * self._n_blocks(numel) + numel

@@ -94,7 +94,8 @@ class Swarm:
         self.params = self.outer.params
         self.codec = make_codec(config.compression)
         self.schema = records.schema_hash(config.run_id, [p.shape for p in self.params], self.codec.tag)
-        self.matchmaker = Matchmaker(node, config.run_id, self.schema, config.matchmaking)
+        about = records.describe_schema([p.shape for p in self.params], self.codec.tag)
+        self.matchmaker = Matchmaker(node, config.run_id, self.schema, config.matchmaking, about)
         self.averager = Averager(node, config.run_id, self.codec, config.allreduce_timeout_seconds)
         self.global_step = outer_step
         self.state_server = StateServer(node, config.run_id, self.schema, self._snapshot)

@@ -92,8 +92,11 @@ class _Looking:
 
 
 class Matchmaker:
-    def __init__(self, node: SwarmNode, run_id: str, schema: str, config: MatchmakingConfig | None = None):
-        self.node, self.run_id, self.schema = node, records.validate_run_id(run_id), schema
+    def __init__(
+        self, node: SwarmNode, run_id: str, schema: str, config: MatchmakingConfig | None = None, about: str = ""
+    ):
+        self.node, self.run_id, self.schema, self.about = node, records.validate_run_id(run_id), schema, about
+        self._warned_incompatible: set[PeerID] = set()
         self.config = config or MatchmakingConfig()
         self.config.validate()
         self.outer_step = 0
@@ -133,7 +136,7 @@ class Matchmaker:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval_seconds
         while not self._closing:
-            value = records.Heartbeat(self.peer_id, self.outer_step, self.schema, 0.0).to_value()
+            value = records.Heartbeat(self.peer_id, self.outer_step, self.schema, 0.0, self.about).to_value()
             try:
                 await self.node.dht.store(
                     records.peers_key(self.run_id),
@@ -150,7 +153,15 @@ class Matchmaker:
     async def live_peers(self) -> list[records.Heartbeat]:
         found = await self.node.dht.get(records.peers_key(self.run_id), latest=True)
         now = get_dht_time()
-        return [h for h in records.parse_heartbeats(found) if h.expiration > now]
+        live = [h for h in records.parse_heartbeats(found) if h.expiration > now]
+        for h in live:
+            if h.schema != self.schema and h.peer_id not in self._warned_incompatible:
+                self._warned_incompatible.add(h.peer_id)
+                logger.warning(
+                    f"peer {h.peer_id} of run {self.run_id!r} is incompatible and will never average with this peer:"
+                    f" it runs {h.about or 'an unknown setup'}; this peer runs {self.about}"
+                )
+        return live
 
     async def _declarations(self, outer_step: int) -> list[records.Declaration]:
         found = await self.node.dht.get(records.step_key(self.run_id, outer_step), latest=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ def schema_hash(run_id: str, shapes: Sequence[Sequence[int]], codec_tag: str) ->
     return h.hexdigest()[:32]
 
 
+def describe_schema(shapes: Sequence[Sequence[int]], codec_tag: str) -> str:
+    numel = sum(math.prod(shape) for shape in shapes)
+    return f"protocol {PROTOCOL_VERSION}, codec {codec_tag}, {numel:,} parameters in {len(shapes)} tensors"
+
+
 def params_sha256(tensors: Sequence[torch.Tensor]) -> str:
     """Hash of parameters as float32 little-endian bytes in order: equal parameters give equal hashes anywhere."""
     h = hashlib.sha256()
@@ -70,9 +76,11 @@ class Heartbeat:
     outer_step: int
     schema: str
     expiration: float
+    about: str = ""
+    """What the schema stands for, in words (codec, parameter count): for messages about incompatible peers."""
 
     def to_value(self) -> dict:
-        return {"step": self.outer_step, "schema": self.schema}
+        return {"step": self.outer_step, "schema": self.schema, "about": self.about}
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,8 @@ def parse_heartbeats(found) -> list[Heartbeat]:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(schema, str):
             logger.debug(f"dropping malformed heartbeat of {peer}: {value!r}")
             continue
-        out.append(Heartbeat(peer, step, schema, item.expiration_time))
+        about = value.get("about") if isinstance(value.get("about"), str) else ""
+        out.append(Heartbeat(peer, step, schema, item.expiration_time, about[:200]))
     return out
 
 

@@ -125,7 +125,7 @@ async def test_peers_of_another_run_never_join_the_group():
 
 
 @pytest.mark.timeout(120)
-async def test_peer_with_another_codec_is_never_grouped():
+async def test_peer_with_another_codec_is_never_grouped(caplog):
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
         codecs = ["int8", "int8", "none"]
@@ -135,6 +135,10 @@ async def test_peer_with_another_codec_is_never_grouped():
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [2, 2, 1]
             assert reports[2].status == StepStatus.ALONE
+            # Both sides say why: each names the other's codec and its own.
+            warnings = [r.getMessage() for r in caplog.records if "incompatible" in r.getMessage()]
+            assert any("it runs protocol 1, codec none/v1" in w and "this peer runs" in w for w in warnings)
+            assert any("it runs protocol 1, codec int8-sqblock/v1" in w for w in warnings)
         finally:
             for s in swarms:
                 await s.close()
