@@ -65,6 +65,11 @@ def _check_maddrs(flag: str, values) -> list[str]:
     "--compression", type=click.Choice(sorted(CODECS)), default="int8", help="Wire format of pseudo-gradients."
 )
 @click.option(
+    "--error-feedback/--no-error-feedback",
+    default=False,
+    help="Carry what compression lost of this peer's pseudo-gradient into its next contribution.",
+)
+@click.option(
     "--min-group-size",
     type=click.IntRange(min=1),
     default=2,
@@ -181,6 +186,7 @@ def build_config(flags: dict):
             timeout_seconds=flags["matchmaking_timeout"],
         ),
         allreduce_timeout_seconds=flags["allreduce_timeout"],
+        error_feedback=flags["error_feedback"],
     )
     return PeerConfig(
         node=node,

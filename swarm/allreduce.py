@@ -121,8 +121,14 @@ class Averager:
 
     # ---- the member's side ----------------------------------------------------------------------------------------
 
-    async def all_reduce(self, group: Group, flat: torch.Tensor, weight: float) -> AllReduceResult:
-        """Weighted mean of `flat` across `group`, identical on every member. Raises AllReduceError."""
+    async def all_reduce(
+        self, group: Group, flat: torch.Tensor, weight: float, residual: torch.Tensor | None = None
+    ) -> AllReduceResult:
+        """Weighted mean of `flat` across `group`, identical on every member. Raises AllReduceError.
+
+        If `residual` (same size as `flat`) is given, it receives what the codec lost of our contribution:
+        `flat` minus what the reducers decoded. Error feedback adds it to the next step's contribution.
+        """
         if group.size < 2:
             raise ValueError("an all-reduce needs at least two members")
         if not (math.isfinite(weight) and weight > 0):
@@ -135,11 +141,17 @@ class Averager:
         rnd.group, rnd.part_numel = group, hi - lo
         # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
         own = await _maybe_in_thread(self._roundtrip, flat[lo:hi])
+        if residual is not None:
+            torch.sub(flat[lo:hi], own, out=residual[lo:hi])
         rnd.add(group.my_index, float(weight), own)
         rnd.configured.set()
         reducer = asyncio.create_task(self._reduce(rnd))
         tasks = [asyncio.create_task(self._own_result(rnd))] + [
-            asyncio.create_task(self._exchange(group, i, flat[a:b], float(weight), rnd.counter))
+            asyncio.create_task(
+                self._exchange(
+                    group, i, flat[a:b], float(weight), rnd.counter, None if residual is None else residual[a:b]
+                )
+            )
             for i, (a, b) in enumerate(bounds)
             if i != group.my_index
         ]
@@ -177,10 +189,19 @@ class Averager:
         return await _maybe_in_thread(self.codec.decode, payload, rnd.part_numel)
 
     async def _exchange(
-        self, group: Group, index: int, part: torch.Tensor, weight: float, counter: ByteCounter
+        self,
+        group: Group,
+        index: int,
+        part: torch.Tensor,
+        weight: float,
+        counter: ByteCounter,
+        residual: torch.Tensor | None,
     ) -> torch.Tensor:
         peer: PeerID = group.peer_ids[index]
         payload = await _maybe_in_thread(self.codec.encode, part)
+        if residual is not None:
+            sent = await _maybe_in_thread(self.codec.decode, payload, part.numel())
+            torch.sub(part, sent, out=residual)
         _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
         try:
             header = {

@@ -45,6 +45,8 @@ class SwarmConfig:
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
     allreduce_timeout_seconds: float = 120.0
     """Bound on one all-reduce once the group is formed."""
+    error_feedback: bool = False
+    """Carry what the codec lost of this peer's pseudo-gradient into its next contribution."""
 
     def validate(self) -> None:
         records.validate_run_id(self.run_id)
@@ -98,6 +100,8 @@ class Swarm:
         self.matchmaker = Matchmaker(node, config.run_id, self.schema, config.matchmaking, about)
         self.averager = Averager(node, config.run_id, self.codec, config.allreduce_timeout_seconds)
         self.global_step = outer_step
+        numel = sum(p.numel() for p in self.params)
+        self.residual = torch.zeros(numel) if config.error_feedback else None
         self.state_server = StateServer(node, config.run_id, self.schema, self._snapshot)
 
     @classmethod
@@ -144,6 +148,8 @@ class Swarm:
             logger.info(f"caught up with the run: outer step {self.global_step} -> {state.outer_step}")
             self.global_step = state.outer_step
             self.matchmaker.set_outer_step(self.global_step)
+            if self.residual is not None:
+                self.residual.zero_()  # errors against a θ we no longer hold
             return True
         return False
 
@@ -175,13 +181,18 @@ class Swarm:
             logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
             self._apply(delta)
             return self._advance(StepStatus.ALONE, 1, started)
+        contribution, residual = delta, None
+        if self.residual is not None:
+            contribution, residual = delta + self.residual, torch.empty_like(delta)
         try:
-            result = await self.averager.all_reduce(group, delta, float(tokens))
+            result = await self.averager.all_reduce(group, contribution, float(tokens), residual)
         except AllReduceError as e:
             error = f"outer step {step}: all-reduce with {group.size} peers failed ({e}); θ unchanged, work carried"
             logger.warning(error)
             return self._advance(StepStatus.ALLREDUCE_FAILED, group.size, started, error=error)
         self._apply(result.averaged)
+        if residual is not None:
+            self.residual = residual
         return self._advance(StepStatus.AVERAGED, group.size, started, result.bytes_sent, result.bytes_received)
 
     def _apply(self, flat_delta: torch.Tensor) -> None:
@@ -213,7 +224,10 @@ class Swarm:
         )
 
     def state_dict(self) -> dict:
-        return {"params": [p.clone() for p in self.params], "outer": self.outer.state_dict(), "step": self.global_step}
+        state = {"params": [p.clone() for p in self.params], "outer": self.outer.state_dict(), "step": self.global_step}
+        if self.residual is not None:
+            state["residual"] = self.residual.clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["params"]) != len(self.params):
@@ -224,3 +238,5 @@ class Swarm:
         self.outer.load_state_dict(state["outer"])
         self.global_step = int(state["step"])
         self.matchmaker.set_outer_step(self.global_step)
+        if self.residual is not None and state.get("residual") is not None:
+            self.residual.copy_(state["residual"])

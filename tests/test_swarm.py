@@ -213,3 +213,49 @@ async def test_newcomer_takes_over_the_runs_state_then_averages_with_it():
             for s in [*early, late]:
                 if s is not None:
                     await s.close()
+
+
+@pytest.mark.timeout(120)
+async def test_max_group_size_splits_the_run_into_full_groups():
+    async with swarm_of(4) as (_, nodes):
+        theta = make_params()
+        swarms = await make_swarms(nodes, theta, lambda i: config(max_group_size=2, timeout=20))
+        try:
+            locals_ = [perturbed(theta, i) for i in range(4)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [2, 2, 2, 2]
+            hashes = [r.params_sha256 for r in reports]
+            assert sorted(hashes.count(h) for h in set(hashes)) == [2, 2]
+        finally:
+            for s in swarms:
+                await s.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("compression", ["int8", "none"])
+async def test_error_feedback_keeps_what_the_codec_lost(compression):
+    async with swarm_of(2) as (_, nodes):
+        theta = make_params()
+
+        def cfg(i):
+            c = config(compression=compression)
+            c.error_feedback = True
+            return c
+
+        swarms = await make_swarms(nodes, theta, cfg)
+        try:
+            locals_ = [perturbed(theta, i) for i in range(2)]
+            deltas = [torch.cat([(t - loc).reshape(-1) for t, loc in zip(theta, local)]) for local in locals_]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [2, 2]
+            for s, delta in zip(swarms, deltas):
+                if compression == "none":
+                    assert torch.count_nonzero(s.residual) == 0
+                else:
+                    # What was lost is small (at most a block's absmax / 127) but not nothing.
+                    assert 0 < float(s.residual.abs().max()) <= float(delta.abs().max()) / 127 * 1.001
+                    assert float(s.residual.norm() / delta.norm()) < 0.02
+            assert reports[0].params_sha256 == reports[1].params_sha256
+        finally:
+            for s in swarms:
+                await s.close()
