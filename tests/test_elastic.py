@@ -1,0 +1,82 @@
+"""Peers and bootstrap nodes that die: the rest of the swarm goes on, and newcomers join through any live peer."""
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from peers.launch import read_metrics, start_bootstrap, start_peer, stop
+from tests.test_programs import children_of
+
+FAST = ["--inner-steps", "10", "--batch-size", "4", "--seq-len", "64", "--matchmaking-timeout", "20"]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def own_address(log_path) -> str:
+    text = log_path.read_text() if log_path.exists() else ""
+    found = re.search(r"--initial-peers (\S+)", text)
+    return found.group(1) if found else ""
+
+
+def kill_hard(process) -> None:
+    """SIGKILL a program and the p2p daemon it started (a killed parent cannot stop its daemon)."""
+    daemons = children_of(process.pid)
+    process.kill()
+    process.wait()
+    for pid in daemons:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.timeout(300)
+def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcomer(tmp_path):
+    boot = start_bootstrap(str(tmp_path))
+    procs = {}
+    try:
+        for name in ("a", "b", "c"):
+            procs[name] = start_peer(str(tmp_path), name, boot.maddrs, "--run-id", "el", "--outer-steps", "40",
+                                     "--metrics-file", str(tmp_path / f"{name}.jsonl"), *FAST)  # fmt: skip
+        metrics = {name: tmp_path / f"{name}.jsonl" for name in procs}
+        wait_for(lambda: all(len(read_metrics(str(m))) >= 2 for m in metrics.values()), 150, "two outer steps")
+        assert all(r["group_size"] == 3 for r in read_metrics(str(metrics["a"]))[:2])
+
+        # Fault: the bootstrap node and peer c die at once, without a word.
+        kill_hard(boot.process)
+        kill_hard(procs.pop("c"))
+        killed_at = max(r["outer_step"] for r in read_metrics(str(metrics["a"])))
+        wait_for(
+            lambda: any(r["outer_step"] >= killed_at + 3 for r in read_metrics(str(metrics["a"]))), 120, "more steps"
+        )
+        later = [r for r in read_metrics(str(metrics["a"])) if r["outer_step"] >= killed_at + 2]
+        assert later and all(r["group_size"] == 2 for r in later)
+
+        # A newcomer joins through peer a's own address, takes over the run's state, and averages with a and b.
+        address = own_address(tmp_path / "a.log")
+        assert "/p2p/" in address
+        procs["d"] = start_peer(str(tmp_path), "d", [address], "--run-id", "el", "--outer-steps", "2",
+                                "--metrics-file", str(tmp_path / "d.jsonl"), *FAST)  # fmt: skip
+        assert procs["d"].wait(timeout=150) == 0, (tmp_path / "d.log").read_text()
+        assert "caught up with the run" in (tmp_path / "d.log").read_text()
+        joined = read_metrics(str(tmp_path / "d.jsonl"))
+        assert joined[0]["outer_step"] > killed_at
+        by_step = {r["outer_step"]: r for r in read_metrics(str(metrics["a"]))}
+        for record in joined:
+            if record["group_size"] == 3:
+                assert by_step[record["outer_step"]]["params_sha256"] == record["params_sha256"]
+        assert any(r["group_size"] == 3 for r in joined)
+        for name in ("a", "b"):
+            assert procs[name].poll() is None, f"peer {name} died"
+    finally:
+        for p in procs.values():
+            stop(p)
+        stop(boot.process)
