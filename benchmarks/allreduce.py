@@ -1,0 +1,163 @@
+"""All-reduce of one large fp32 tensor across N processes on 127.0.0.1, three ways side by side in one run.
+
+    python benchmarks/allreduce.py [--peers 4] [--numel 25000000] [--rounds 3]
+
+- swarm int8 (and none): this project's butterfly all-reduce over libp2p streams, group formed by its matchmaking;
+- hivemind: the stock `DecentralizedAverager` with no compression (its own matchmaking and all-reduce);
+- gloo: `torch.distributed.all_reduce` in fp32, the data-parallel baseline.
+
+Each system runs in its own N processes; a barrier starts every round on all processes at once. Prints the median
+wall time of the all-reduce over the rounds (after one warm-up round), its ratio to gloo, and the bytes each swarm peer
+sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+
+import click
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tensor(numel: int, rank: int):
+    import torch
+
+    return torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+
+
+def gloo_worker(rank, peers, numel, rounds, port, barrier, out):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=peers)
+    x = _tensor(numel, rank)
+    times = []
+    for _ in range(rounds + 1):
+        y = x.clone()
+        barrier.wait()
+        started = time.perf_counter()
+        dist.all_reduce(y)
+        times.append(time.perf_counter() - started)
+    dist.destroy_process_group()
+    out.put((rank, times[1:], 0))
+
+
+def hivemind_worker(rank, peers, numel, rounds, maddrs, barrier, out):
+    import hivemind
+    import torch
+
+    torch.set_num_threads(1)
+    dht = hivemind.DHT(initial_peers=maddrs, start=True)
+    averager = hivemind.averaging.DecentralizedAverager(
+        [_tensor(numel, rank)], dht, prefix="bench", target_group_size=peers, min_group_size=peers,
+        min_matchmaking_time=2.0, request_timeout=1.0, start=True,
+    )  # fmt: skip
+    times = []
+    for _ in range(rounds + 1):
+        barrier.wait()
+        started = time.perf_counter()
+        control = averager.step(wait=False, require_trigger=False)
+        result = control.result(timeout=600)
+        times.append(time.perf_counter() - started)
+        assert result is not None and len(result) == peers, f"group of {result}"
+    averager.shutdown()
+    dht.shutdown()
+    out.put((rank, times[1:], 0))
+
+
+def swarm_worker(rank, peers, numel, rounds, maddrs, codec_name, barrier, out):
+    import torch
+
+    from swarm.allreduce import Averager
+    from swarm.codec import make_codec
+    from swarm.matchmaking import Matchmaker, MatchmakingConfig
+    from swarm.node import NodeConfig, SwarmNode
+
+    torch.set_num_threads(1)
+
+    async def main():
+        node = await SwarmNode.create(NodeConfig(initial_peers=maddrs))
+        run = f"bench-{codec_name}"
+        matchmaker = Matchmaker(node, run, "bench", MatchmakingConfig(min_group_size=peers, timeout_seconds=60))
+        averager = Averager(node, run, make_codec(codec_name), timeout_seconds=600)
+        await averager.start()
+        await matchmaker.start()
+        x = _tensor(numel, rank)
+        times, sent = [], []
+        for step in range(rounds + 1):
+            group = await matchmaker.form_group(step)
+            assert group is not None and group.size == peers, group
+            await asyncio.to_thread(barrier.wait)
+            started = time.perf_counter()
+            result = await averager.all_reduce(group, x, 1.0)
+            times.append(time.perf_counter() - started)
+            sent.append(result.bytes_sent)
+            matchmaker.set_outer_step(step + 1)
+        await matchmaker.close()
+        await averager.close()
+        await node.close()
+        out.put((rank, times[1:], statistics.mean(sent[1:])))
+
+    asyncio.run(main())
+
+
+def run_workers(target, peers, args) -> tuple[float, float]:
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(peers), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, peers, *args, barrier, out)) for rank in range(peers)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join(60)
+    # A round takes as long as its slowest member.
+    per_round = [max(r[1][i] for r in results) for i in range(len(results[0][1]))]
+    return statistics.median(per_round), statistics.mean(r[2] for r in results)
+
+
+def bootstrap_maddrs():
+    """A bootstrap DHT node in this process, for the systems that need one."""
+    import hivemind
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    return dht, [str(m) for m in dht.get_visible_maddrs()]
+
+
+@click.command()
+@click.option("--peers", type=click.IntRange(min=2), default=4)
+@click.option("--numel", type=click.IntRange(min=1), default=25_000_000)
+@click.option("--rounds", type=click.IntRange(min=1), default=3)
+def main(peers: int, numel: int, rounds: int) -> None:
+    results = {}
+    results["gloo fp32"] = run_workers(gloo_worker, peers, (numel, rounds, _free_port()))
+    dht, maddrs = bootstrap_maddrs()
+    try:
+        results["swarm int8"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "int8"))
+        results["swarm none"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "none"))
+        results["hivemind none"] = run_workers(hivemind_worker, peers, (numel, rounds, maddrs))
+    finally:
+        dht.shutdown()
+    gloo = results["gloo fp32"][0]
+    print(f"{peers} processes, {numel:,} float32 ({4 * numel / 1e6:.0f} MB) each, median of {rounds} rounds, 127.0.0.1")
+    print(f"{'system':<14} {'wall s':>8} {'x gloo':>7} {'MB sent/peer':>13}")
+    for name, (wall, sent) in results.items():
+        sent_text = f"{sent / 1e6:13.1f}" if sent else f"{'-':>13}"
+        print(f"{name:<14} {wall:8.2f} {wall / gloo:7.2f} {sent_text}")
+
+
+if __name__ == "__main__":
+    main()
