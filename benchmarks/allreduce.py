@@ -60,6 +60,8 @@ def hivemind_worker(rank, peers, numel, rounds, maddrs, barrier, out):
     import hivemind
     import torch
 
+    # hivemind's DHT and averager are processes that it forks; a spawned worker would try to pickle them.
+    mp.set_start_method("fork", force=True)
     torch.set_num_threads(1)
     dht = hivemind.DHT(initial_peers=maddrs, start=True)
     averager = hivemind.averaging.DecentralizedAverager(
@@ -121,7 +123,7 @@ def run_workers(target, peers, args) -> tuple[float, float]:
     procs = [ctx.Process(target=target, args=(rank, peers, *args, barrier, out)) for rank in range(peers)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=1800) for _ in procs]
+    results = [out.get(timeout=900) for _ in procs]
     for p in procs:
         p.join(60)
     # A round takes as long as its slowest member.
@@ -156,7 +158,7 @@ def main(peers: int, numel: int, rounds: int) -> None:
     print(f"{'system':<14} {'wall s':>8} {'x gloo':>7} {'MB sent/peer':>13}")
     for name, (wall, sent) in results.items():
         sent_text = f"{sent / 1e6:13.1f}" if sent else f"{'-':>13}"
-        print(f"{name:<14} {wall:8.2f} {wall / gloo:7.2f} {sent_text}")
+        print(f"{name:<14} {wall:8.2f} {wall / gloo:7.2f} {sent_text}", flush=True)
 
 
 if __name__ == "__main__":
