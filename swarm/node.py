@@ -17,6 +17,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
 
+from swarm import reaper
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,6 +62,8 @@ class SwarmNode:
         self.p2p: P2P = dht.p2p
         self.config = config
         self._closed = False
+        daemon = getattr(self.p2p, "_child", None)  # hivemind keeps the p2pd process here
+        self._reaper = reaper.watch(os.getpid(), daemon.pid) if daemon is not None else None
 
     @classmethod
     async def create(cls, config: NodeConfig | None = None) -> SwarmNode:
@@ -111,6 +115,9 @@ class SwarmNode:
             return
         self._closed = True
         await self.dht.shutdown()
+        if self._reaper is not None:
+            self._reaper.kill()
+            self._reaper.wait()
 
     async def __aenter__(self) -> SwarmNode:
         return self

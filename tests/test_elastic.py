@@ -1,5 +1,6 @@
 """Peers and bootstrap nodes that die: the rest of the swarm goes on, and newcomers join through any live peer."""
 
+import contextlib
 import os
 import re
 import signal
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from peers.launch import read_metrics, start_bootstrap, start_peer, stop
-from tests.test_programs import children_of
+from tests.test_programs import alive, children_of
 
 FAST = ["--inner-steps", "10", "--batch-size", "4", "--seq-len", "64", "--matchmaking-timeout", "20"]
 
@@ -27,15 +28,17 @@ def own_address(log_path) -> str:
 
 
 def kill_hard(process) -> None:
-    """SIGKILL a program and the p2p daemon it started (a killed parent cannot stop its daemon)."""
-    daemons = children_of(process.pid)
+    """SIGKILL a program; its p2p daemon must not outlive it (swarm.reaper stops it)."""
+    daemons = [pid for pid in children_of(process.pid) if "p2pd" in open(f"/proc/{pid}/cmdline").read()]
+    assert daemons
     process.kill()
     process.wait()
-    for pid in daemons:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    try:
+        wait_for(lambda: not any(alive(pid) for pid in daemons), 15, "the killed program's p2p daemon to stop")
+    finally:
+        for pid in daemons:  # never leave a daemon behind, even when the assertion fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(300)
