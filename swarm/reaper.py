@@ -4,7 +4,7 @@ hivemind starts `p2pd` as a plain child process, which outlives a parent killed 
 its place in other peers' connections. `watch(owner_pid, daemon_pid)` starts this module as a small helper process
 that blocks until the owner exits and then terminates the daemon. A clean `SwarmNode.close()` stops the helper.
 
-    python -m swarm.reaper OWNER_PID DAEMON_PID
+    python swarm/reaper.py OWNER_PID DAEMON_PID
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 def watch(owner_pid: int, daemon_pid: int) -> subprocess.Popen:
     """Start the helper; it ends by itself once the owner or the daemon is gone."""
     return subprocess.Popen(
-        [sys.executable, "-m", "swarm.reaper", str(owner_pid), str(daemon_pid)],
+        # Run as a plain script in isolated mode: it needs only the standard library, not torch or hivemind.
+        [sys.executable, "-I", "-S", os.path.abspath(__file__), str(owner_pid), str(daemon_pid)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
