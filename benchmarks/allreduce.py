@@ -139,22 +139,44 @@ def bootstrap_maddrs():
     return dht, [str(m) for m in dht.get_visible_maddrs()]
 
 
+def capped(rate: str) -> None:
+    """Re-run this script inside a private network namespace whose loopback is shaped to `rate` (tbf)."""
+    # MTU 1500 and a 1 MB burst: with loopback's 64 KB MTU and a small burst, TCP collapses and the figure measures
+    # the qdisc rather than the program (../shared/DESIGN.md section 4).
+    shaping = (
+        f"ip link set lo up && ip link set lo mtu 1500 && "
+        f'tc qdisc add dev lo root tbf rate {rate} burst 1mb limit 8mb && exec "$@"'
+    )
+    args = [a for a in sys.argv[1:]]
+    os.execvp("unshare", ["unshare", "-n", "sh", "-c", shaping, "sh", sys.executable, __file__, *args, "--shaped"])
+
+
 @click.command()
 @click.option("--peers", type=click.IntRange(min=2), default=4)
 @click.option("--numel", type=click.IntRange(min=1), default=25_000_000)
 @click.option("--rounds", type=click.IntRange(min=1), default=3)
-def main(peers: int, numel: int, rounds: int) -> None:
+@click.option("--bandwidth", default=None, help="Cap loopback to this rate (tc syntax, e.g. 200mbit); needs root.")
+@click.option("--systems", default="gloo,int8,none,hivemind", help="Which systems to run, comma-separated.")
+@click.option("--shaped", is_flag=True, hidden=True)
+def main(peers: int, numel: int, rounds: int, bandwidth: str | None, systems: str, shaped: bool) -> None:
+    if bandwidth and not shaped:
+        capped(bandwidth)
+    chosen = systems.split(",")
     results = {}
     results["gloo fp32"] = run_workers(gloo_worker, peers, (numel, rounds, _free_port()))
     dht, maddrs = bootstrap_maddrs()
     try:
-        results["swarm int8"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "int8"))
-        results["swarm none"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "none"))
-        results["hivemind none"] = run_workers(hivemind_worker, peers, (numel, rounds, maddrs))
+        if "int8" in chosen:
+            results["swarm int8"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "int8"))
+        if "none" in chosen:
+            results["swarm none"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "none"))
+        if "hivemind" in chosen:
+            results["hivemind none"] = run_workers(hivemind_worker, peers, (numel, rounds, maddrs))
     finally:
         dht.shutdown()
     gloo = results["gloo fp32"][0]
-    print(f"{peers} processes, {numel:,} float32 ({4 * numel / 1e6:.0f} MB) each, median of {rounds} rounds, 127.0.0.1")
+    where = f"loopback capped at {bandwidth} (tbf)" if bandwidth else "127.0.0.1"
+    print(f"{peers} processes, {numel:,} float32 ({4 * numel / 1e6:.0f} MB) each, median of {rounds} rounds, {where}")
     print(f"{'system':<14} {'wall s':>8} {'x gloo':>7} {'MB sent/peer':>13}")
     for name, (wall, sent) in results.items():
         sent_text = f"{sent / 1e6:13.1f}" if sent else f"{'-':>13}"
