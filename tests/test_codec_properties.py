@@ -1,0 +1,74 @@
+"""Properties of the int8 codec over generated inputs: sizes, error bounds, refusal of non-finite payloads."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from swarm.codec import Blockwise8BitCompression, CodecError, make_codec
+
+FINITE = st.floats(allow_nan=False, allow_infinity=False, width=32)
+CODEC = Blockwise8BitCompression()
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.timeout(120)
+@SETTINGS
+@given(arrays(np.float32, st.integers(0, 1300), elements=FINITE))
+def test_any_finite_vector_roundtrips_within_its_blocks_scale(values):
+    x = torch.from_numpy(values.copy())
+    payload = CODEC.encode(x)
+    assert len(payload) == CODEC.encoded_size(x.numel())
+    y = CODEC.decode(payload, x.numel())
+    assert y.shape == x.shape and bool(torch.isfinite(y).all())
+    for start in range(0, x.numel(), CODEC.block_size):
+        block, decoded = x[start : start + CODEC.block_size].double(), y[start : start + CODEC.block_size].double()
+        scale = float(block.abs().max()) / 127
+        assert float((decoded - block).abs().max()) <= scale * (1 + 1e-5) + 1e-45
+
+
+@pytest.mark.timeout(120)
+@SETTINGS
+@given(st.integers(0, 10_000_000))
+def test_payload_is_one_byte_a_value_plus_one_scale_a_block(numel):
+    assert CODEC.encoded_size(numel) == 4 + 4 * -(-numel // 256) + numel
+    if numel >= 4096:  # below that, the last partial block's scale weighs more
+        assert CODEC.encoded_size(numel) / (4 * numel) <= 0.26
+
+
+@pytest.mark.timeout(120)
+@SETTINGS
+@given(
+    arrays(np.float32, st.integers(1, 600), elements=FINITE),
+    st.integers(0, 599),
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+)
+def test_a_nonfinite_value_never_decodes_silently(values, where, bad):
+    values = values.copy()
+    values[where % len(values)] = bad
+    with pytest.raises(CodecError):
+        CODEC.decode(CODEC.encode(torch.from_numpy(values)), len(values))
+
+
+@pytest.mark.timeout(120)
+@SETTINGS
+@given(st.binary(min_size=0, max_size=600), st.integers(0, 500))
+def test_arbitrary_bytes_either_decode_to_finite_values_or_are_refused(payload, numel):
+    for name in ("int8", "fp16", "none"):
+        try:
+            out = make_codec(name).decode(payload, numel)
+        except CodecError:
+            continue
+        assert out.shape == (numel,)
+        if name == "int8":
+            assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.timeout(120)
+def test_huge_and_tiny_magnitudes():
+    x = torch.tensor([3.0e38, -3.0e38, 1e-38, 1e-45, 0.0, -0.0] * 50, dtype=torch.float32)
+    y = CODEC.decode(CODEC.encode(x), x.numel())
+    assert bool(torch.isfinite(y).all())
+    assert float(y[0]) == pytest.approx(3.0e38, rel=1e-6) and float(y[1]) == pytest.approx(-3.0e38, rel=1e-6)
