@@ -12,6 +12,8 @@ Nesterov SGD on θ. Members of a group end with bit-identical θ. What happens w
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import enum
 import logging
 import math
@@ -102,6 +104,7 @@ class Swarm:
         self.global_step = outer_step
         numel = sum(p.numel() for p in self.params)
         self.residual = torch.zeros(numel) if config.error_feedback else None
+        self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
         self.state_server = StateServer(node, config.run_id, self.schema, self._snapshot)
 
     @classmethod
@@ -128,30 +131,91 @@ class Swarm:
         me = self.node.peer_id
         live = await self.matchmaker.live_peers()
         ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
+        donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
+        taken = await self._take_state(donors, lambda state: state.outer_step > self.global_step, timeout_seconds)
+        if taken is not None:
+            logger.info(f"caught up with the run: outer step {self.global_step} -> {taken.outer_step}")
+            self._adopt(taken)
+        return taken is not None
+
+    async def repair_drift(self, timeout_seconds: float = 60.0) -> bool:
+        """If most members of our last group published another θ hash than ours for that step, take their θ.
+
+        Only the last group counts: groups of one step may legitimately hold different θ (e.g. --max-group-size).
+        """
+        if self.global_step == 0 or self._last_group is None or self._last_group[0] != self.global_step:
+            return False
+        members = set(self._last_group[1])
+        found = await self.node.dht.get(records.hash_key(self.config.run_id, self.global_step), latest=True)
+        published = {peer: digest for peer, digest in records.parse_hashes(found).items() if peer in members}
+        mine = self.params_sha256()
+        published[self.node.peer_id] = mine
+        votes = collections.Counter(published.values())
+        majority, count = votes.most_common(1)[0]
+        if majority == mine or count < 2 or count <= votes[mine]:
+            return False
+        donors = [peer for peer, digest in published.items() if digest == majority]
+        step = self.global_step
+        taken = await self._take_state(
+            donors, lambda state: state.outer_step > step or state.sha256() == majority, timeout_seconds
+        )
+        if taken is None:
+            logger.warning(f"θ at outer step {step} differs from {count} of {len(published)} members; no donor")
+            return False
+        logger.warning(
+            f"θ at outer step {step} differed from its group's majority ({count} of {len(published)} members):"
+            f" resynced to outer step {taken.outer_step} from a peer that holds it"
+        )
+        self._adopt(taken)
+        return True
+
+    async def _rejoin(self) -> None:
+        """After taking over θ_s mid-step: make sure our next inner loop starts from the θ the others start from.
+
+        If the others are still in their inner loop of step s, our next inner loop (from θ_s) reaches round s in
+        time. If round s is being formed right now, we cannot take part (we have no Δ against θ_s): we say so, so
+        nobody waits for us, and wait for the round's result θ_{s+1} instead of lagging one round behind forever.
+        """
+        step = self.global_step
+        now = get_dht_time()
+        declared = await self.matchmaker.declarations(step)
+        if not any(d.looking and d.schema == self.schema and d.deadline > now for d in declared):
+            return
+        await self.matchmaker.sit_out(step)
+        mm = self.config.matchmaking
+        deadline = time.monotonic() + mm.timeout_seconds + self.config.allreduce_timeout_seconds
+        while time.monotonic() < deadline:
+            if await self.catch_up():
+                return
+            await asyncio.sleep(mm.poll_interval_seconds)
+        logger.warning(f"round {step} did not finish within the bound; training on from outer step {step}")
+
+    async def _take_state(self, donors, acceptable, timeout_seconds: float) -> RunState | None:
+        """The first state a donor sends that passes `acceptable` and the DHT's majority hash for its step."""
         numel = sum(p.numel() for p in self.params)
-        for donor in sorted(ahead, key=lambda h: -h.outer_step):
+        for donor in donors:
             try:
                 state = await fetch_state(
-                    self.node, self.state_server.protocol, self.schema, donor.peer_id, numel, timeout_seconds
+                    self.node, self.state_server.protocol, self.schema, donor, numel, timeout_seconds
                 )
-                if state.outer_step <= self.global_step:
+                if not acceptable(state):
                     continue
                 expected = await majority_hash(self.node, self.config.run_id, state.outer_step)
                 if expected is not None and expected != state.sha256():
-                    logger.warning(f"peer {donor.peer_id} sent θ of step {state.outer_step} that most peers disown")
+                    logger.warning(f"peer {donor} sent θ of step {state.outer_step} that most peers disown")
                     continue
+                return state
             except Exception as e:
-                logger.warning(f"could not take the run's state from {donor.peer_id}: {e!r}; trying another peer")
-                continue
-            momentum = None if state.momentum is None else unflatten(state.momentum, self.params)
-            self.outer.load(unflatten(state.params, self.params), momentum)
-            logger.info(f"caught up with the run: outer step {self.global_step} -> {state.outer_step}")
-            self.global_step = state.outer_step
-            self.matchmaker.set_outer_step(self.global_step)
-            if self.residual is not None:
-                self.residual.zero_()  # errors against a θ we no longer hold
-            return True
-        return False
+                logger.warning(f"could not take the run's state from {donor}: {e!r}; trying another peer")
+        return None
+
+    def _adopt(self, state: RunState) -> None:
+        momentum = None if state.momentum is None else unflatten(state.momentum, self.params)
+        self.outer.load(unflatten(state.params, self.params), momentum)
+        self.global_step = state.outer_step
+        self.matchmaker.set_outer_step(self.global_step)
+        if self.residual is not None:
+            self.residual.zero_()  # errors against a θ we no longer hold
 
     def params_sha256(self) -> str:
         return records.params_sha256(self.params)
@@ -171,8 +235,9 @@ class Swarm:
         if tokens <= 0 or not math.isfinite(tokens):
             raise ValueError(f"tokens must be positive, got {tokens}")
 
-        if await self.catch_up():
-            # The run moved on without us (we were too slow or cut off): our Δ is against a stale θ.
+        if await self.catch_up() or await self.repair_drift():
+            # The run moved on without us, or our θ drifted from it: our Δ is against a θ nobody else holds.
+            await self._rejoin()
             return self._advance(StepStatus.RESYNCED, 0, started, next_step=False)
         group = await self.matchmaker.form_group(step)
         if group is None or group.size == 1:
@@ -191,6 +256,7 @@ class Swarm:
             logger.warning(error)
             return self._advance(StepStatus.ALLREDUCE_FAILED, group.size, started, error=error)
         self._apply(result.averaged)
+        self._last_group = (step + 1, group.peer_ids)
         if residual is not None:
             self.residual = residual
         return self._advance(StepStatus.AVERAGED, group.size, started, result.bytes_sent, result.bytes_received)

@@ -163,7 +163,7 @@ class Matchmaker:
                 )
         return live
 
-    async def _declarations(self, outer_step: int) -> list[records.Declaration]:
+    async def declarations(self, outer_step: int) -> list[records.Declaration]:
         found = await self.node.dht.get(records.step_key(self.run_id, outer_step), latest=True)
         return records.parse_declarations(found)
 
@@ -180,6 +180,11 @@ class Matchmaker:
             )
 
     # ---- looking for a group --------------------------------------------------------------------------------------
+
+    async def sit_out(self, outer_step: int) -> None:
+        """Tell leaders of `outer_step` not to wait for us: we contribute nothing to that round."""
+        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds)
+        await self._declare(state, looking=False)
 
     async def form_group(self, outer_step: int) -> Group | None:
         """Find a group for `outer_step` within the configured timeout; None if this peer should average alone."""
@@ -206,7 +211,7 @@ class Matchmaker:
             if now >= state.deadline - margin:
                 break
             if target is None:
-                decls, live = await asyncio.gather(self._declarations(state.outer_step), self.live_peers())
+                decls, live = await asyncio.gather(self.declarations(state.outer_step), self.live_peers())
                 candidates = [
                     d.peer_id
                     for d in decls

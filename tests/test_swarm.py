@@ -259,3 +259,38 @@ async def test_error_feedback_keeps_what_the_codec_lost(compression):
         finally:
             for s in swarms:
                 await s.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_peer_whose_parameters_drifted_resyncs_from_its_groups_majority(caplog):
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        swarms = await make_swarms(nodes, theta, lambda i: config())
+        try:
+            locals_ = [perturbed(theta, i) for i in range(3)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            # Fault: peer 2's θ silently changes (a bad bit, a bug) after the step; it publishes the wrong hash.
+            with torch.no_grad():
+                swarms[2].params[0][0, 0] += 1.0
+            reports[2].params_sha256 = swarms[2].params_sha256()
+            for s, r in zip(swarms, reports):
+                await s.publish_hash(r)
+            majority = reports[0].params_sha256
+            locals_ = [perturbed([p.clone() for p in s.params], 10 + i) for i, s in enumerate(swarms)]
+            started = asyncio.get_running_loop().time()
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            # Peer 2 takes its group's θ back and sits this round out; the others do not wait for it, and peer 2
+            # takes the round's result, so that its next inner loop starts from the same θ as theirs.
+            assert reports[2].status == StepStatus.RESYNCED and reports[2].group_size == 0
+            assert "differed from its group's majority (2 of 3 members)" in caplog.text
+            assert majority != swarms[2].params_sha256() == reports[0].params_sha256
+            assert swarms[2].global_step == 2
+            assert [r.group_size for r in reports[:2]] == [2, 2]
+            assert asyncio.get_running_loop().time() - started < 10  # well under the 15 s matchmaking timeout
+            locals_ = [perturbed([p.clone() for p in s.params], 20 + i) for i, s in enumerate(swarms)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [3, 3, 3]
+            assert len({r.params_sha256 for r in reports}) == 1
+        finally:
+            for s in swarms:
+                await s.close()
