@@ -11,7 +11,7 @@ from swarm.allreduce import AllReduceError
 from swarm.matchmaking import Group
 from swarm.wire import read_frame, write_frame
 from tests.conftest import swarm_of
-from tests.test_swarm import config, make_params, perturbed
+from tests.test_swarm import config, make_params, perturbed, running_swarms
 
 
 async def _raw_request(node, peer_id, protocol: str, data: bytes) -> tuple[dict, bytes]:
@@ -28,8 +28,7 @@ async def _raw_request(node, peer_id, protocol: str, data: bytes) -> tuple[dict,
 async def test_malformed_messages_are_refused_and_the_peer_keeps_working():
     async with swarm_of(2) as (_, nodes):
         theta = make_params()
-        swarms = [await Swarm.create(n, theta, config()) for n in nodes]
-        try:
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
             target = nodes[0].peer_id
             garbage = b"\x05\x00\x00\x00\xc1\xc1\xc1\xc1\xc1"  # a 5-byte header that is not msgpack
             for protocol in ("swarm/test/join/1", "swarm/test/reduce/1"):
@@ -46,9 +45,6 @@ async def test_malformed_messages_are_refused_and_the_peer_keeps_working():
             reports = await asyncio.gather(*[s.outer_step(loc, 10) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [2, 2]
             assert reports[0].params_sha256 == reports[1].params_sha256
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(60)
@@ -76,8 +72,7 @@ async def test_member_that_never_contributes_fails_the_round_and_nothing_partial
         theta = make_params()
         cfg = config()
         cfg.allreduce_timeout_seconds = 3
-        swarms = [await Swarm.create(n, theta, cfg) for n in nodes]
-        try:
+        async with running_swarms(nodes, theta, lambda i: cfg) as swarms:
             # Fault: peer 2 joins the group of step 0, then goes silent (it never sends its part).
             async def silent_member():
                 group = await swarms[2].matchmaker.form_group(0)
@@ -93,9 +88,6 @@ async def test_member_that_never_contributes_fails_the_round_and_nothing_partial
                 assert not report.restart_from_global  # the caller keeps its local work for the next step
                 assert all(torch.equal(a, b) for a, b in zip(swarm.params, theta))  # θ untouched
                 assert report.outer_step == 1
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(60)

@@ -1,6 +1,7 @@
 """DiLoCo across real swarm nodes in one event loop: discovery, matchmaking, all-reduce, outer step."""
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -30,6 +31,17 @@ async def make_swarms(nodes, params, cfg_for):
     return [await Swarm.create(node, params, cfg_for(i)) for i, node in enumerate(nodes)]
 
 
+@contextlib.asynccontextmanager
+async def running_swarms(nodes, params, cfg_for):
+    """One Swarm per node (config `cfg_for(index)`), all closed on the way out."""
+    swarms = await make_swarms(nodes, params, cfg_for)
+    try:
+        yield swarms
+    finally:
+        for s in swarms:
+            await s.close()
+
+
 def reference_outer_step(theta, locals_, tokens, lr=0.7, momentum=0.9, momentum_buffers=None):
     """DiLoCo by hand: token-weighted mean of pseudo-gradients, then torch.optim.SGD(nesterov=True)."""
     params = [torch.nn.Parameter(t.clone()) for t in theta]
@@ -47,8 +59,7 @@ def reference_outer_step(theta, locals_, tokens, lr=0.7, momentum=0.9, momentum_
 async def test_four_peers_find_each_other_through_bootstrap_and_average():
     async with swarm_of(4) as (bootstrap, nodes):
         theta = make_params()
-        swarms = await make_swarms(nodes, theta, lambda i: config())
-        try:
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
             tokens = [100, 200, 300, 400]
             locals_ = [perturbed(theta, i) for i in range(4)]
             reports = await asyncio.gather(*[s.outer_step(loc, t) for s, loc, t in zip(swarms, locals_, tokens)])
@@ -58,17 +69,13 @@ async def test_four_peers_find_each_other_through_bootstrap_and_average():
             # The nodes only knew the bootstrap node; they found each other through the DHT.
             for node in nodes:
                 assert await node.num_dht_peers() >= 4
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(120)
 async def test_outer_step_equals_reference_diloco_without_compression():
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
-        swarms = await make_swarms(nodes, theta, lambda i: config())
-        try:
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
             expected, state = theta, None
             for step in range(3):
                 tokens = [128 * (i + 1) + step for i in range(3)]
@@ -79,9 +86,6 @@ async def test_outer_step_equals_reference_diloco_without_compression():
                 for s in swarms:
                     for got, want in zip(s.params, expected, strict=True):
                         assert torch.allclose(got, want, atol=1e-6, rtol=0), f"step {step}: differs from reference"
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(120)
@@ -89,8 +93,7 @@ async def test_outer_step_equals_reference_diloco_without_compression():
 async def test_group_members_hold_identical_parameters_after_every_step(compression):
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
-        swarms = await make_swarms(nodes, theta, lambda i: config(compression=compression))
-        try:
+        async with running_swarms(nodes, theta, lambda i: config(compression=compression)) as swarms:
             for step in range(3):
                 locals_ = [perturbed([p.clone() for p in s.params], 10 * step + i) for i, s in enumerate(swarms)]
                 reports = await asyncio.gather(
@@ -102,26 +105,19 @@ async def test_group_members_hold_identical_parameters_after_every_step(compress
                 for s in swarms[1:]:
                     for a, b in zip(s.params, swarms[0].params, strict=True):
                         assert torch.equal(a, b)
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(120)
 async def test_peers_of_another_run_never_join_the_group():
     async with swarm_of(4) as (_, nodes):
         theta = make_params()
-        swarms = await make_swarms(nodes, theta, lambda i: config(run_id="run-a" if i < 2 else "run-b"))
-        try:
+        async with running_swarms(nodes, theta, lambda i: config(run_id="run-a" if i < 2 else "run-b")) as swarms:
             locals_ = [perturbed(theta, i) for i in range(4)]
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [2, 2, 2, 2]
             assert reports[0].params_sha256 == reports[1].params_sha256
             assert reports[2].params_sha256 == reports[3].params_sha256
             assert reports[0].params_sha256 != reports[2].params_sha256
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(120)
@@ -129,8 +125,7 @@ async def test_peer_with_another_codec_is_never_grouped(caplog):
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
         codecs = ["int8", "int8", "none"]
-        swarms = await make_swarms(nodes, theta, lambda i: config(compression=codecs[i], timeout=4))
-        try:
+        async with running_swarms(nodes, theta, lambda i: config(compression=codecs[i], timeout=4)) as swarms:
             locals_ = [perturbed(theta, i) for i in range(3)]
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [2, 2, 1]
@@ -139,17 +134,13 @@ async def test_peer_with_another_codec_is_never_grouped(caplog):
             warnings = [r.getMessage() for r in caplog.records if "incompatible" in r.getMessage()]
             assert any("it runs protocol 1, codec none/v1" in w and "this peer runs" in w for w in warnings)
             assert any("it runs protocol 1, codec int8-sqblock/v1" in w for w in warnings)
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(60)
 async def test_no_group_within_timeout_applies_own_pseudo_gradient():
     async with swarm_of(1) as (_, nodes):
         theta = make_params()
-        (swarm,) = await make_swarms(nodes, theta, lambda i: config(timeout=2))
-        try:
+        async with running_swarms(nodes, theta, lambda i: config(timeout=2)) as (swarm,):
             local = perturbed(theta, 0)
             started = asyncio.get_running_loop().time()
             report = await swarm.outer_step(local, 100)
@@ -158,16 +149,13 @@ async def test_no_group_within_timeout_applies_own_pseudo_gradient():
             expected, _ = reference_outer_step(theta, [local], [100])
             for got, want in zip(swarm.params, expected, strict=True):
                 assert torch.allclose(got, want, atol=1e-6, rtol=0)
-        finally:
-            await swarm.close()
 
 
 @pytest.mark.timeout(120)
 async def test_nonfinite_pseudo_gradient_is_never_sent_and_others_average_without_it():
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
-        swarms = await make_swarms(nodes, theta, lambda i: config())
-        try:
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
             locals_ = [perturbed(theta, i) for i in range(3)]
             locals_[2][0][0, 0] = float("nan")
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
@@ -179,9 +167,6 @@ async def test_nonfinite_pseudo_gradient_is_never_sent_and_others_average_withou
                 assert all(torch.isfinite(p).all() for p in s.params)
                 for got, want in zip(s.params, expected, strict=True):
                     assert torch.allclose(got, want, atol=1e-6, rtol=0)
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(120)
@@ -219,16 +204,12 @@ async def test_newcomer_takes_over_the_runs_state_then_averages_with_it():
 async def test_max_group_size_splits_the_run_into_full_groups():
     async with swarm_of(4) as (_, nodes):
         theta = make_params()
-        swarms = await make_swarms(nodes, theta, lambda i: config(max_group_size=2, timeout=20))
-        try:
+        async with running_swarms(nodes, theta, lambda i: config(max_group_size=2, timeout=20)) as swarms:
             locals_ = [perturbed(theta, i) for i in range(4)]
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [2, 2, 2, 2]
             hashes = [r.params_sha256 for r in reports]
             assert sorted(hashes.count(h) for h in set(hashes)) == [2, 2]
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(120)
@@ -242,8 +223,7 @@ async def test_error_feedback_keeps_what_the_codec_lost(compression):
             c.error_feedback = True
             return c
 
-        swarms = await make_swarms(nodes, theta, cfg)
-        try:
+        async with running_swarms(nodes, theta, cfg) as swarms:
             locals_ = [perturbed(theta, i) for i in range(2)]
             deltas = [torch.cat([(t - loc).reshape(-1) for t, loc in zip(theta, local)]) for local in locals_]
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
@@ -256,17 +236,13 @@ async def test_error_feedback_keeps_what_the_codec_lost(compression):
                     assert 0 < float(s.residual.abs().max()) <= float(delta.abs().max()) / 127 * 1.001
                     assert float(s.residual.norm() / delta.norm()) < 0.02
             assert reports[0].params_sha256 == reports[1].params_sha256
-        finally:
-            for s in swarms:
-                await s.close()
 
 
 @pytest.mark.timeout(120)
 async def test_a_peer_whose_parameters_drifted_resyncs_from_its_groups_majority(caplog):
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
-        swarms = await make_swarms(nodes, theta, lambda i: config())
-        try:
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
             locals_ = [perturbed(theta, i) for i in range(3)]
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             # Fault: peer 2's θ silently changes (a bad bit, a bug) after the step; it publishes the wrong hash.
@@ -291,6 +267,3 @@ async def test_a_peer_whose_parameters_drifted_resyncs_from_its_groups_majority(
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [3, 3, 3]
             assert len({r.params_sha256 for r in reports}) == 1
-        finally:
-            for s in swarms:
-                await s.close()
