@@ -31,7 +31,7 @@ from swarm.flat import flatten, unflatten
 from swarm.matchmaking import Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import OuterOptimizer
-from swarm.state import RunState, StateServer, fetch_state, majority_hash, snapshot_of
+from swarm.state import RunState, StateServer, download_state, majority_hash, snapshot_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class SwarmConfig:
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
     allreduce_timeout_seconds: float = 120.0
     """Bound on one all-reduce once the group is formed."""
+    state_chunk_values: int = 1 << 20
+    """Values per request when a peer downloads the run's state from several donors at once."""
     error_feedback: bool = False
     """Carry what the codec lost of this peer's pseudo-gradient into its next contribution."""
 
@@ -104,6 +106,8 @@ class Swarm:
         self.global_step = outer_step
         numel = sum(p.numel() for p in self.params)
         self.residual = torch.zeros(numel) if config.error_feedback else None
+        self._state_version = 0  # bumped whenever θ or the momentum change
+        self._snapshot_cache: tuple[tuple[int, int], RunState] | None = None
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
         self.state_server = StateServer(node, config.run_id, self.schema, self._snapshot)
 
@@ -124,7 +128,11 @@ class Swarm:
         await self.averager.close()
 
     def _snapshot(self) -> RunState:
-        return snapshot_of(self.global_step, self.params, self.outer.momentum())
+        # One flat copy per state, however many chunk requests newcomers send while it lasts.
+        key = (self.global_step, self._state_version)
+        if self._snapshot_cache is None or self._snapshot_cache[0] != key:
+            self._snapshot_cache = (key, snapshot_of(self.global_step, self.params, self.outer.momentum()))
+        return self._snapshot_cache[1]
 
     async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
         """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
@@ -132,7 +140,7 @@ class Swarm:
         live = await self.matchmaker.live_peers()
         ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
         donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
-        taken = await self._take_state(donors, lambda state: state.outer_step > self.global_step, timeout_seconds)
+        taken = await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
         if taken is not None:
             logger.info(f"caught up with the run: outer step {self.global_step} -> {taken.outer_step}")
             self._adopt(taken)
@@ -157,7 +165,7 @@ class Swarm:
         donors = [peer for peer, digest in published.items() if digest == majority]
         step = self.global_step
         taken = await self._take_state(
-            donors, lambda state: state.outer_step > step or state.sha256() == majority, timeout_seconds
+            donors, lambda other_step, digest: other_step > step or digest == majority, timeout_seconds
         )
         if taken is None:
             logger.warning(f"θ at outer step {step} differs from {count} of {len(published)} members; no donor")
@@ -191,27 +199,37 @@ class Swarm:
         logger.warning(f"round {step} did not finish within the bound; training on from outer step {step}")
 
     async def _take_state(self, donors, acceptable, timeout_seconds: float) -> RunState | None:
-        """The first state a donor sends that passes `acceptable` and the DHT's majority hash for its step."""
+        """The newest state the donors agree on that passes `acceptable(step, hash)` and the DHT's majority hash."""
+
+        async def accept(step: int, digest: str) -> bool:
+            if not acceptable(step, digest):
+                return False
+            expected = await majority_hash(self.node, self.config.run_id, step)
+            if expected is not None and expected != digest:
+                logger.warning(f"donors offer θ of step {step} that most peers disown; not taking it")
+                return False
+            return True
+
         numel = sum(p.numel() for p in self.params)
-        for donor in donors:
-            try:
-                state = await fetch_state(
-                    self.node, self.state_server.protocol, self.schema, donor, numel, timeout_seconds
-                )
-                if not acceptable(state):
-                    continue
-                expected = await majority_hash(self.node, self.config.run_id, state.outer_step)
-                if expected is not None and expected != state.sha256():
-                    logger.warning(f"peer {donor} sent θ of step {state.outer_step} that most peers disown")
-                    continue
-                return state
-            except Exception as e:
-                logger.warning(f"could not take the run's state from {donor}: {e!r}; trying another peer")
-        return None
+        try:
+            return await download_state(
+                self.node,
+                self.state_server.protocol,
+                self.schema,
+                list(donors),
+                numel,
+                accept,
+                timeout_seconds,
+                self.config.state_chunk_values,
+            )
+        except Exception as e:
+            logger.warning(f"could not take the run's state from {len(donors)} donors: {e!r}")
+            return None
 
     def _adopt(self, state: RunState) -> None:
         momentum = None if state.momentum is None else unflatten(state.momentum, self.params)
         self.outer.load(unflatten(state.params, self.params), momentum)
+        self._state_version += 1
         self.global_step = state.outer_step
         self.matchmaker.set_outer_step(self.global_step)
         if self.residual is not None:
@@ -263,6 +281,7 @@ class Swarm:
 
     def _apply(self, flat_delta: torch.Tensor) -> None:
         self.outer.step(unflatten(flat_delta, self.params))
+        self._state_version += 1
 
     def _advance(self, status, group_size, started, sent=0, received=0, error=None, next_step=True) -> OuterStepReport:
         if next_step:
@@ -302,6 +321,7 @@ class Swarm:
             for p, q in zip(self.params, state["params"]):
                 p.copy_(q)
         self.outer.load_state_dict(state["outer"])
+        self._state_version += 1
         self.global_step = int(state["step"])
         self.matchmaker.set_outer_step(self.global_step)
         if self.residual is not None and state.get("residual") is not None:

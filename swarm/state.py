@@ -1,9 +1,16 @@
 """Handing the run's current state to a peer that is behind: θ, the outer momentum and the outer-step index.
 
-A peer that starts (or falls behind) asks a live peer of the run that is further ahead. The donor answers on one
-stream with a header and the raw float32 bytes; the receiver checks the bytes against the hash in the header and, where
-other peers published their θ hash for that step in the DHT, against the hash most of them agree on. A donor that
-fails, lies or dies mid-transfer is skipped and the next one is asked.
+The receiver first asks every candidate donor for a manifest: outer step, the hash of θ, and one hash per chunk.
+Donors that agree on the newest (step, hash) form the source; chunks are then fetched from all of them at once, each
+chunk checked against its hash on arrival. A donor that dies, stalls, moves on to another step or sends a bad chunk
+is dropped and its chunks go to the others; the assembled θ is checked against the full hash at the end.
+
+Protocol (one stream per request, frames from `swarm.wire`):
+  receiver -> donor: {"type": "manifest", "schema": s, "chunk": n}
+  donor -> receiver: {"type": "manifest", "step": t, "params_sha256": h, "numel": N, "has_momentum": b,
+                      "chunk_sha256": [h0, h1, ...]}
+  receiver -> donor: {"type": "chunk", "schema": s, "chunk": n, "index": i, "step": t}
+  donor -> receiver: {"type": "chunk", "step": t, "index": i} + θ[i*n:(i+1)*n] (+ momentum[i*n:(i+1)*n]) as fp32
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +33,8 @@ from swarm.wire import ProtocolError, close_writer, read_frame, require, write_f
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CHUNK_VALUES = 1 << 20  # 4 MB of θ (plus 4 MB of momentum) per request
+
 
 @dataclass
 class RunState:
@@ -35,15 +45,28 @@ class RunState:
     """Outer Nesterov momentum, flat float32; None before the run's first outer step."""
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.params.numpy().astype("<f4", copy=False).tobytes()).hexdigest()
+        return hashlib.sha256(_bytes(self.params)).hexdigest()
+
+
+def _bytes(flat: torch.Tensor) -> bytes:
+    return flat.numpy().astype("<f4", copy=False).tobytes()
+
+
+def _chunk_payload(state: RunState, index: int, chunk: int) -> bytes:
+    lo, hi = index * chunk, min((index + 1) * chunk, state.params.numel())
+    payload = _bytes(state.params[lo:hi])
+    if state.momentum is not None:
+        payload += _bytes(state.momentum[lo:hi])
+    return payload
 
 
 class StateServer:
     """Serves this peer's current state to peers of the same run that ask for it."""
 
-    def __init__(self, node: SwarmNode, run_id: str, schema: str, snapshot):
+    def __init__(self, node: SwarmNode, run_id: str, schema: str, snapshot: Callable[[], RunState]):
         self.node, self.schema, self._snapshot = node, schema, snapshot
-        self.protocol = f"swarm/{run_id}/state/1"
+        self.protocol = f"swarm/{run_id}/state/2"
+        self._manifests: dict[tuple[int, int, int], dict] = {}
 
     async def start(self) -> None:
         await self.node.p2p.add_binary_stream_handler(self.protocol, self._handle)
@@ -54,56 +77,149 @@ class StateServer:
         except Exception as e:  # the daemon may already be gone
             logger.debug(f"removing the state handler failed: {e!r}")
 
-    async def _handle(self, stream_info, reader, writer) -> None:
-        try:
-            request, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), 10)
-            if request.get("type") != "get_state" or request.get("schema") != self.schema:
-                await write_frame(writer, {"type": "error", "reason": "incompatible schema or bad request"})
-                return
-            # One consistent snapshot: the outer step mutates θ only between awaits, never during this copy.
-            state: RunState = self._snapshot()
-            params = state.params.numpy().astype("<f4", copy=False).tobytes()
-            momentum = b"" if state.momentum is None else state.momentum.numpy().astype("<f4", copy=False).tobytes()
-            header = {
-                "type": "state",
+    def _manifest(self, state: RunState, chunk: int) -> dict:
+        key = (state.outer_step, id(state), chunk)
+        if key not in self._manifests:
+            n_chunks = -(-state.params.numel() // chunk)
+            self._manifests = {key: {
+                "type": "manifest",
                 "step": state.outer_step,
                 "params_sha256": state.sha256(),
                 "numel": state.params.numel(),
                 "has_momentum": state.momentum is not None,
-            }
-            await write_frame(writer, header, params + momentum)
+                "chunk_sha256": [hashlib.sha256(_chunk_payload(state, i, chunk)).hexdigest() for i in range(n_chunks)],
+            }}  # fmt: skip
+        return self._manifests[key]
+
+    async def _handle(self, stream_info, reader, writer) -> None:
+        try:
+            request, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), 10)
+            chunk = require(request, "chunk", int)
+            if request.get("schema") != self.schema or chunk <= 0:
+                await write_frame(writer, {"type": "error", "reason": "incompatible schema or bad request"})
+                return
+            # The snapshot is consistent: the outer step changes θ only between awaits, never during this copy.
+            state = self._snapshot()
+            if request.get("type") == "manifest":
+                await write_frame(writer, self._manifest(state, chunk))
+            elif request.get("type") == "chunk":
+                index = require(request, "index", int)
+                if request.get("step") != state.outer_step or not 0 <= index * chunk < max(state.params.numel(), 1):
+                    await write_frame(writer, {"type": "error", "reason": f"this peer is at step {state.outer_step}"})
+                    return
+                header = {"type": "chunk", "step": state.outer_step, "index": index}
+                await write_frame(writer, header, _chunk_payload(state, index, chunk))
+            else:
+                await write_frame(writer, {"type": "error", "reason": "unknown request"})
         except Exception as e:
             logger.debug(f"serving state to {stream_info.peer_id} failed: {e!r}")
         finally:
             close_writer(writer)
 
 
-async def fetch_state(
-    node: SwarmNode, protocol: str, schema: str, donor: PeerID, numel: int, timeout: float
-) -> RunState:
-    """Download and check one donor's state. Raises ProtocolError or asyncio errors."""
+async def _request(node, protocol, donor, message, max_payload, timeout) -> tuple[dict, bytes]:
     _, reader, writer = await asyncio.wait_for(node.p2p.call_binary_stream_handler(donor, protocol), timeout)
     try:
-        await write_frame(writer, {"type": "get_state", "schema": schema})
-        header, payload = await asyncio.wait_for(read_frame(reader, max_payload=8 * numel), timeout)
+        await write_frame(writer, message)
+        header, payload = await asyncio.wait_for(read_frame(reader, max_payload=max_payload), timeout)
     finally:
         close_writer(writer)
-    if header.get("type") != "state":
+    if header.get("type") == "error":
         raise ProtocolError(f"donor refused: {header.get('reason')}")
-    step, digest = require(header, "step", int), require(header, "params_sha256", str)
-    has_momentum = require(header, "has_momentum", bool)
-    if require(header, "numel", int) != numel or len(payload) != (8 if has_momentum else 4) * numel:
-        raise ProtocolError("state has the wrong size for this model")
-    params = torch.from_numpy(np.frombuffer(payload, dtype="<f4", count=numel).astype(np.float32))
-    momentum = None
-    if has_momentum:
-        momentum = torch.from_numpy(np.frombuffer(payload, dtype="<f4", offset=4 * numel).astype(np.float32))
-    state = RunState(step, params, momentum)
-    if state.sha256() != digest:
-        raise ProtocolError("θ does not match the hash the donor announced")
+    return header, payload
+
+
+async def download_state(
+    node: SwarmNode,
+    protocol: str,
+    schema: str,
+    donors: list[PeerID],
+    numel: int,
+    accept: Callable[[int, str], Awaitable[bool]],
+    timeout: float = 30.0,
+    chunk: int = DEFAULT_CHUNK_VALUES,
+) -> RunState | None:
+    """The newest acceptable state that the donors agree on, fetched from all of them in parallel; None if none."""
+
+    async def manifest(donor):
+        header, _ = await _request(node, protocol, donor, {"type": "manifest", "schema": schema, "chunk": chunk}, 0,
+                                   timeout)  # fmt: skip
+        if require(header, "numel", int) != numel:
+            raise ProtocolError("state has the wrong size for this model")
+        hashes = require(header, "chunk_sha256", list)
+        if len(hashes) != -(-numel // chunk):
+            raise ProtocolError("manifest lists the wrong number of chunks")
+        key = (
+            require(header, "step", int),
+            require(header, "params_sha256", str),
+            require(header, "has_momentum", bool),
+        )
+        return key, tuple(hashes)
+
+    answers = await asyncio.gather(*(manifest(d) for d in donors), return_exceptions=True)
+    sources: dict[tuple, list[PeerID]] = collections.defaultdict(list)
+    for donor, answer in zip(donors, answers):
+        if isinstance(answer, BaseException):
+            logger.debug(f"no manifest from {donor}: {answer!r}")
+        else:
+            sources[answer].append(donor)
+    # Newest step first; among equals, the state most donors hold.
+    for (key, hashes), holders in sorted(sources.items(), key=lambda kv: (-kv[0][0][0], -len(kv[1]))):
+        step, digest, has_momentum = key
+        if not await accept(step, digest):
+            continue
+        state = await _fetch_chunks(node, protocol, schema, holders, numel, step, has_momentum, hashes, chunk, timeout)
+        if state is not None and state.sha256() == digest:
+            return state
+        logger.warning(f"could not assemble the state of step {step} from {len(holders)} donors")
+    return None
+
+
+async def _fetch_chunks(node, protocol, schema, holders, numel, step, has_momentum, hashes, chunk, timeout):
+    width = 2 if has_momentum else 1
+    buffer = np.empty(width * numel, dtype=np.float32)
+    pending: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(len(hashes)):
+        pending.put_nowait(index)
+    done = set()
+
+    async def worker(donor):
+        while len(done) < len(hashes):
+            try:
+                index = pending.get_nowait()
+            except asyncio.QueueEmpty:
+                if len(done) == len(hashes):
+                    return
+                await asyncio.sleep(0.05)  # chunks held by other workers may come back if those donors fail
+                continue
+            try:
+                message = {"type": "chunk", "schema": schema, "chunk": chunk, "index": index, "step": step}
+                header, payload = await _request(node, protocol, donor, message, 8 * chunk, timeout)
+                if header.get("step") != step or header.get("index") != index:
+                    raise ProtocolError(f"donor sent chunk {header.get('index')} of step {header.get('step')}")
+                if hashlib.sha256(payload).hexdigest() != hashes[index]:
+                    raise ProtocolError(f"chunk {index} does not match its hash")
+                lo, hi = index * chunk, min((index + 1) * chunk, numel)
+                values = np.frombuffer(payload, dtype="<f4")
+                if len(values) != width * (hi - lo):
+                    raise ProtocolError(f"chunk {index} has the wrong size")
+                buffer[lo:hi] = values[: hi - lo]
+                if has_momentum:
+                    buffer[numel + lo : numel + hi] = values[hi - lo :]
+                done.add(index)
+            except Exception as e:
+                pending.put_nowait(index)
+                logger.warning(f"state donor {donor} failed on chunk {index} ({e!r}); the other donors take over")
+                return
+
+    await asyncio.gather(*(worker(d) for d in holders))
+    if len(done) < len(hashes):
+        return None
+    params = torch.from_numpy(buffer[:numel].copy())
+    momentum = torch.from_numpy(buffer[numel:].copy()) if has_momentum else None
     if not bool(torch.isfinite(params).all()) or (momentum is not None and not bool(torch.isfinite(momentum).all())):
         raise ProtocolError("state holds NaN or inf")
-    return state
+    return RunState(step, params, momentum)
 
 
 async def majority_hash(node: SwarmNode, run_id: str, outer_step: int) -> str | None:

@@ -9,6 +9,7 @@ import torch
 from swarm import StepStatus, Swarm
 from swarm.allreduce import AllReduceError
 from swarm.matchmaking import Group
+from swarm.state import StateServer
 from swarm.wire import read_frame, write_frame
 from tests.conftest import swarm_of
 from tests.test_swarm import config, make_params, perturbed, running_swarms
@@ -104,3 +105,53 @@ async def test_all_reduce_refuses_bad_weights():
                 await swarm.averager.all_reduce(group, torch.zeros(10), 1.0)
         finally:
             await swarm.close()
+
+
+class FaultyDonor(StateServer):
+    """A state donor with a declared fault: it dies after `serve` requests, or corrupts every chunk it sends."""
+
+    def __init__(self, server: StateServer, fault: str, serve: int = 3):
+        super().__init__(server.node, "unused", server.schema, server._snapshot)
+        self.protocol = server.protocol
+        self.fault, self.serve, self.requests = fault, serve, 0
+
+    async def _handle(self, stream_info, reader, writer) -> None:
+        self.requests += 1
+        if self.fault == "dies" and self.requests > self.serve:
+            writer.close()  # gone mid-transfer: the stream just ends
+            return
+        if self.fault == "lies" and self.requests > 1:
+            request, _ = await read_frame(reader, max_payload=0)
+            state = self._snapshot()
+            header = {"type": "chunk", "step": state.outer_step, "index": request["index"]}
+            n = min(request["chunk"], state.params.numel() - request["index"] * request["chunk"])
+            await write_frame(writer, header, b"\x00" * (8 * n))
+            writer.close()
+            return
+        await super()._handle(stream_info, reader, writer)
+
+
+@pytest.mark.timeout(120)
+async def test_state_download_survives_a_donor_that_dies_and_one_that_lies(caplog):
+    async with swarm_of(4) as (_, nodes):
+        theta = make_params()
+        cfg = config()
+        cfg.state_chunk_values = 100  # about 23 chunks, so the transfer is in flight when the faults strike
+        async with running_swarms(nodes[:3], theta, lambda i: cfg) as donors:
+            locals_ = [perturbed(theta, i) for i in range(3)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(donors, locals_)])
+            for s, r in zip(donors, reports):
+                await s.publish_hash(r)
+            for donor, fault in zip(donors[:2], ["dies", "lies"]):
+                await donor.state_server.close()
+                donor.state_server = FaultyDonor(donor.state_server, fault)
+                await donor.state_server.start()
+            async with running_swarms(nodes[3:], theta, lambda i: cfg) as (newcomer,):
+                assert await newcomer.catch_up()
+                assert newcomer.global_step == 1
+                assert newcomer.params_sha256() == reports[0].params_sha256
+                for a, b in zip(newcomer.outer.momentum(), donors[2].outer.momentum(), strict=True):
+                    assert torch.equal(a, b)
+            assert donors[0].state_server.requests > 3  # it died mid-transfer, not before
+            assert "does not match its hash" in caplog.text
+            assert "the other donors take over" in caplog.text
