@@ -64,7 +64,7 @@ class StepStatus(str, enum.Enum):
     AVERAGED = "averaged"  # Δ averaged with a group of two or more
     ALONE = "alone"  # no group found: own Δ applied
     ALLREDUCE_FAILED = "allreduce_failed"  # θ unchanged, local work carried into the next step
-    NONFINITE = "nonfinite"  # Δ had NaN/inf: θ unchanged, caller restarts from θ
+    NONFINITE = "nonfinite"  # Δ had NaN/inf: nothing sent, round sat out, caller restarts from θ
     RESYNCED = "resynced"  # the run was ahead: θ taken over from peers, own Δ dropped, caller restarts from θ
 
 
@@ -177,8 +177,11 @@ class Swarm:
         self._adopt(taken)
         return True
 
-    async def _rejoin(self) -> None:
+    async def _rejoin(self, wait_for_round: bool = False) -> None:
         """After taking over θ_s mid-step: make sure our next inner loop starts from the θ the others start from.
+
+        With `wait_for_round` (we have nothing to contribute to round s at all), wait for the round's result whenever
+        other live peers are at step s, whether they are still in their inner loop or already forming the round.
 
         If the others are still in their inner loop of step s, our next inner loop (from θ_s) reaches round s in
         time. If round s is being formed right now, we cannot take part (we have no Δ against θ_s): we say so, so
@@ -186,8 +189,14 @@ class Swarm:
         """
         step = self.global_step
         now = get_dht_time()
-        declared = await self.matchmaker.declarations(step)
-        if not any(d.looking and d.schema == self.schema and d.deadline > now for d in declared):
+        if wait_for_round:
+            me = self.node.peer_id
+            live = await self.matchmaker.live_peers()
+            others = any(h.outer_step == step and h.schema == self.schema and h.peer_id != me for h in live)
+        else:
+            declared = await self.matchmaker.declarations(step)
+            others = any(d.looking and d.schema == self.schema and d.deadline > now for d in declared)
+        if not others:
             return
         await self.matchmaker.sit_out(step)
         mm = self.config.matchmaking
@@ -249,7 +258,9 @@ class Swarm:
             bad = int((~torch.isfinite(delta)).sum())
             error = f"pseudo-gradient of outer step {step} has {bad} NaN/inf values: not sent, sitting this round out"
             logger.error(error)
-            return self._advance(StepStatus.NONFINITE, 1, started, error=error)
+            # Sit the round out without making anyone wait, and start the next inner loop from the round's result.
+            await self._rejoin(wait_for_round=True)
+            return self._advance(StepStatus.NONFINITE, 0, started, error=error, next_step=self.global_step == step)
         if tokens <= 0 or not math.isfinite(tokens):
             raise ValueError(f"tokens must be positive, got {tokens}")
 

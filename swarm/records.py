@@ -1,7 +1,7 @@
 """What peers of one run publish in the DHT, and how each record is checked when read back.
 
 Three kinds of records, all keyed by the run id so runs sharing a DHT never see each other:
-- `{run}.peers`: one subkey per live peer (a heartbeat): its outer step, schema and address. Expires unless renewed.
+- `{run}.peers`: one subkey per live peer (a heartbeat): its outer step and schema. Expires unless renewed.
 - `{run}.step{t}`: one subkey per peer that finished its inner loop of outer step t and is looking for a group.
 - `{run}.hash{t}`: one subkey per peer: the hash of its global parameters after outer step t.
 

@@ -160,8 +160,10 @@ async def test_nonfinite_pseudo_gradient_is_never_sent_and_others_average_withou
             locals_[2][0][0, 0] = float("nan")
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert reports[2].status == StepStatus.NONFINITE and "NaN" in reports[2].error
-            assert all(torch.equal(a, b) for a, b in zip(swarms[2].params, theta))  # θ untouched
+            assert reports[2].group_size == 0
             assert [r.group_size for r in reports[:2]] == [2, 2]
+            # Peer 2 sat the round out and holds the round's result: its next inner loop starts from the global θ.
+            assert reports[2].params_sha256 == reports[0].params_sha256 and swarms[2].global_step == 1
             expected, _ = reference_outer_step(theta, locals_[:2], [100, 100])
             for s in swarms[:2]:
                 assert all(torch.isfinite(p).all() for p in s.params)
