@@ -303,7 +303,7 @@ class Matchmaker:
                 logger.log(level, f"peer {leader} refused us for step {state.outer_step}: {reason}")
             state.excluded.add(leader)
             return None, None
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ProtocolError, Exception) as e:
+        except Exception as e:  # timeouts, a vanished leader, a malformed reply: try another leader
             logger.debug(f"joining {leader} for step {state.outer_step} failed: {e!r}")
             state.excluded.add(leader)
             return None, None

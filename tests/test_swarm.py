@@ -42,6 +42,11 @@ async def running_swarms(nodes, params, cfg_for):
             await s.close()
 
 
+def assert_params_close(params, expected, message: str = "differs from reference") -> None:
+    for got, want in zip(params, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), message
+
+
 def reference_outer_step(theta, locals_, tokens, lr=0.7, momentum=0.9, momentum_buffers=None):
     """DiLoCo by hand: token-weighted mean of pseudo-gradients, then torch.optim.SGD(nesterov=True)."""
     params = [torch.nn.Parameter(t.clone()) for t in theta]
@@ -84,8 +89,7 @@ async def test_outer_step_equals_reference_diloco_without_compression():
                 assert [r.group_size for r in reports] == [3, 3, 3]
                 expected, state = reference_outer_step(expected, locals_, tokens, momentum_buffers=state)
                 for s in swarms:
-                    for got, want in zip(s.params, expected, strict=True):
-                        assert torch.allclose(got, want, atol=1e-6, rtol=0), f"step {step}: differs from reference"
+                    assert_params_close(s.params, expected, f"step {step}: differs from reference")
 
 
 @pytest.mark.timeout(120)
@@ -147,8 +151,7 @@ async def test_no_group_within_timeout_applies_own_pseudo_gradient():
             assert report.group_size == 1 and report.status == StepStatus.ALONE
             assert asyncio.get_running_loop().time() - started < 6
             expected, _ = reference_outer_step(theta, [local], [100])
-            for got, want in zip(swarm.params, expected, strict=True):
-                assert torch.allclose(got, want, atol=1e-6, rtol=0)
+            assert_params_close(swarm.params, expected)
 
 
 @pytest.mark.timeout(120)
@@ -167,39 +170,32 @@ async def test_nonfinite_pseudo_gradient_is_never_sent_and_others_average_withou
             expected, _ = reference_outer_step(theta, locals_[:2], [100, 100])
             for s in swarms[:2]:
                 assert all(torch.isfinite(p).all() for p in s.params)
-                for got, want in zip(s.params, expected, strict=True):
-                    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+                assert_params_close(s.params, expected)
 
 
 @pytest.mark.timeout(120)
 async def test_newcomer_takes_over_the_runs_state_then_averages_with_it():
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
-        early = await make_swarms(nodes[:2], theta, lambda i: config())
-        late = None
-        try:
+        async with running_swarms(nodes[:2], theta, lambda i: config()) as early:
             for step in range(2):
                 locals_ = [perturbed([p.clone() for p in s.params], 10 * step + i) for i, s in enumerate(early)]
                 reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(early, locals_)])
                 for s, r in zip(early, reports):
                     await s.publish_hash(r)
-            late = await Swarm.create(nodes[2], theta, config())
-            assert late.global_step == 0
-            assert await late.catch_up()
-            assert late.global_step == 2
-            assert late.params_sha256() == early[0].params_sha256()
-            for a, b in zip(late.outer.momentum(), early[0].outer.momentum(), strict=True):
-                assert torch.equal(a, b)
-            everyone = [*early, late]
-            locals_ = [perturbed([p.clone() for p in s.params], 100 + i) for i, s in enumerate(everyone)]
-            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(everyone, locals_)])
-            assert [r.group_size for r in reports] == [3, 3, 3]
-            assert [r.outer_step for r in reports] == [3, 3, 3]
-            assert len({r.params_sha256 for r in reports}) == 1
-        finally:
-            for s in [*early, late]:
-                if s is not None:
-                    await s.close()
+            async with running_swarms(nodes[2:], theta, lambda i: config()) as (late,):
+                assert late.global_step == 0
+                assert await late.catch_up()
+                assert late.global_step == 2
+                assert late.params_sha256() == early[0].params_sha256()
+                for a, b in zip(late.outer.momentum(), early[0].outer.momentum(), strict=True):
+                    assert torch.equal(a, b)
+                everyone = [*early, late]
+                locals_ = [perturbed([p.clone() for p in s.params], 100 + i) for i, s in enumerate(everyone)]
+                reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(everyone, locals_)])
+                assert [r.group_size for r in reports] == [3, 3, 3]
+                assert [r.outer_step for r in reports] == [3, 3, 3]
+                assert len({r.params_sha256 for r in reports}) == 1
 
 
 @pytest.mark.timeout(120)
