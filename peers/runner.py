@@ -194,6 +194,8 @@ class Peer:
             "tokens": result.tokens,
             "group_size": report.group_size,
             "status": report.status.value,
+            "group": report.group_id,
+            "attempts": report.attempts,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
             "compute_seconds": round(result.seconds, 4),

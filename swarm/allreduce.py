@@ -5,8 +5,19 @@ to member i on one stream; member i decodes the contributions, takes their weigh
 encodes that mean once, and sends the same bytes back on every stream. Every member (member i too) decodes those same
 bytes, so the whole group ends with bit-identical averages, whatever the codec.
 
-Nothing partial passes as complete: if any contribution or any averaged part is missing, malformed, non-finite or late,
-`all_reduce` raises AllReduceError on that member and its caller applies no average at all.
+When a member dies mid-round, the others lose as little as possible and never apply a partial average:
+- a reducer that already holds every contribution finishes and serves its part whatever happens to the rest;
+- a reducer that lacks the contribution of a member it lost fails its part at once (nobody waits out the bound);
+- a member that misses an averaged part asks the other members for it: whoever received it holds the reducer's exact
+  bytes, so the whole group still ends identical. Only if nobody holds some part does `all_reduce` raise
+  AllReduceError (naming the members it lost, so a retry leaves them out), and then its caller applies nothing.
+
+Protocol (one binary stream per request, frames from `swarm.wire`):
+  member -> reducer: {"type": "part", "group_id", "sender", "weight", "numel", "codec"} + encoded contribution
+  reducer -> member: {"type": "averaged"} + encoded mean | {"type": "error", "reason"}
+  member -> reducer: {"type": "ack"}
+  member -> member:  {"type": "fetch", "group_id", "parts": [i, ...]}
+  member -> member:  {"type": "parts", "indices": [i, ...]}, then {"type": "part", "index": i} + encoded mean, each
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from swarm import records
 from swarm.codec import Codec, CodecError
@@ -34,7 +46,23 @@ _OFFLOAD_NUMEL = 1 << 18
 
 
 class AllReduceError(RuntimeError):
-    """The all-reduce did not complete for this member; no average may be applied from it."""
+    """The all-reduce did not complete for this member; no average may be applied from it.
+
+    `suspects` are the members this peer lost contact with (a broken stream, silence past the bound, garbage): a
+    retry of the round leaves them out.
+    """
+
+    def __init__(self, message: str, suspects=()):
+        super().__init__(message)
+        self.suspects: frozenset[PeerID] = frozenset(suspects)
+
+
+class _MemberLost(Exception):
+    """Contact with one member was lost: its stream broke or it sent something we cannot use."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index = index
 
 
 @dataclass
@@ -44,6 +72,8 @@ class AllReduceResult:
     bytes_sent: int
     bytes_received: int
     seconds: float
+    recovered_parts: int = 0
+    """Averaged parts this member got from another member because their reducer's own delivery failed."""
 
 
 def part_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
@@ -61,12 +91,17 @@ async def _maybe_in_thread(fn, *args):
     return fn(*args)
 
 
+# Stream failures that mean "this member is gone" rather than "this member said no".
+_LOST = (ConnectionError, OSError, EOFError, asyncio.IncompleteReadError, P2PDaemonError, P2PHandlerError)
+
+
 @dataclass
 class _Round:
-    """One group's reduction of the part this member owns."""
+    """One group's all-reduce as seen by this member: the part it reduces, and the averaged parts it holds."""
 
     group: Group | None = None
     part_numel: int = -1
+    bounds: list[tuple[int, int]] = field(default_factory=list)
     contributions: dict[int, tuple[float, torch.Tensor]] = field(default_factory=dict)
     configured: asyncio.Event = field(default_factory=asyncio.Event)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
@@ -75,6 +110,13 @@ class _Round:
     served: int = 0
     all_served: asyncio.Event = field(default_factory=asyncio.Event)
     created: float = field(default_factory=time.monotonic)
+    payloads: dict[int, bytes] = field(default_factory=dict)
+    """Encoded averaged parts this member holds, exactly as their reducers sent them (the same bytes everywhere)."""
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    """The same parts, decoded."""
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """This member's own attempt is over: it holds every averaged part it will ever get from the reducers."""
+    reducer: asyncio.Task | None = None
 
     def add(self, sender: int, weight: float, values: torch.Tensor) -> None:
         if sender in self.contributions:
@@ -88,6 +130,11 @@ class _Round:
             self.result.set_exception(AllReduceError(reason))
             self.result.exception()  # mark retrieved: senders may all be gone already
 
+    def forget(self) -> None:
+        self.fail("round forgotten")
+        if self.reducer is not None:
+            self.reducer.cancel()
+
 
 class Averager:
     """Serves the reduce side of all-reduces for one run on one node, and runs all-reduces for its owner."""
@@ -99,11 +146,11 @@ class Averager:
         self._rounds: dict[bytes, _Round] = {}
 
     async def start(self) -> None:
-        await self.node.p2p.add_binary_stream_handler(self._protocol, self._handle_part)
+        await self.node.p2p.add_binary_stream_handler(self._protocol, self._handle)
 
     async def close(self) -> None:
         for rnd in self._rounds.values():
-            rnd.fail("averager closed")
+            rnd.forget()
         self._rounds.clear()
         with contextlib.suppress(Exception):
             await self.node.p2p.remove_binary_stream_handler(self._protocol)
@@ -115,9 +162,17 @@ class Averager:
         return self._rounds[group_id]
 
     def _expire_stale_rounds(self) -> None:
-        horizon = time.monotonic() - 2 * self.timeout_seconds
+        horizon = time.monotonic() - 3 * self.timeout_seconds
         for gid in [gid for gid, rnd in self._rounds.items() if rnd.created < horizon]:
-            self._rounds.pop(gid).fail("round expired")
+            self._rounds.pop(gid).forget()
+
+    def _forget_later(self, group_id: bytes, rnd: _Round) -> None:
+        def forget():
+            if self._rounds.get(group_id) is rnd:
+                del self._rounds[group_id]
+            rnd.forget()
+
+        asyncio.get_running_loop().call_later(self.timeout_seconds, forget)
 
     # ---- the member's side ----------------------------------------------------------------------------------------
 
@@ -125,6 +180,10 @@ class Averager:
         self, group: Group, flat: torch.Tensor, weight: float, residual: torch.Tensor | None = None
     ) -> AllReduceResult:
         """Weighted mean of `flat` across `group`, identical on every member. Raises AllReduceError.
+
+        If a member is lost mid-round, the others still finish every part that does not need it, and a member that
+        misses an averaged part asks the other members for it (all members received the same bytes from its
+        reducer). Only if nobody holds it does the round fail, and then for everyone alike.
 
         If `residual` (same size as `flat`) is given, it receives what the codec lost of our contribution:
         `flat` minus what the reducers decoded. Error feedback adds it to the next step's contribution.
@@ -135,75 +194,156 @@ class Averager:
             raise ValueError(f"weight must be finite and positive, got {weight}")
         flat = flat.detach().to(torch.float32).reshape(-1).contiguous()
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_seconds
         bounds = part_bounds(flat.numel(), group.size)
         rnd = self._round(group.group_id)
         lo, hi = bounds[group.my_index]
-        rnd.group, rnd.part_numel = group, hi - lo
-        # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
-        own = await _maybe_in_thread(self._roundtrip, flat[lo:hi])
-        if residual is not None:
-            torch.sub(flat[lo:hi], own, out=residual[lo:hi])
-        rnd.add(group.my_index, float(weight), own)
-        rnd.configured.set()
-        reducer = asyncio.create_task(self._reduce(rnd))
-        tasks = [asyncio.create_task(self._own_result(rnd))] + [
-            asyncio.create_task(
-                self._exchange(
-                    group, i, flat[a:b], float(weight), rnd.counter, None if residual is None else residual[a:b]
-                )
-            )
-            for i, (a, b) in enumerate(bounds)
-            if i != group.my_index
-        ]
-        # We also wait until our averaged part went out to every member: then the byte counts are complete,
-        # and nobody is left waiting on us when we return.
-        tasks.append(asyncio.create_task(rnd.all_served.wait()))
+        rnd.group, rnd.part_numel, rnd.bounds = group, hi - lo, bounds
         try:
-            *parts, _ = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.timeout_seconds)
-        except asyncio.TimeoutError:
-            rnd.fail("timed out")
-            raise AllReduceError(
-                f"all-reduce of group {group.group_id.hex()} timed out after {self.timeout_seconds}s"
-            ) from None
-        except Exception as e:  # any failure to reach or hear from a member (daemon errors included) fails the round
-            rnd.fail(str(e))
-            raise AllReduceError(f"all-reduce of group {group.group_id.hex()} failed: {e!r}") from e
+            # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
+            own = await _maybe_in_thread(self._roundtrip, flat[lo:hi])
+            if residual is not None:
+                torch.sub(flat[lo:hi], own, out=residual[lo:hi])
+            rnd.add(group.my_index, float(weight), own)
+            rnd.configured.set()
+            rnd.reducer = asyncio.create_task(self._reduce(rnd))
+            tasks = {asyncio.create_task(self._own_result(rnd)): group.my_index}
+            for i, (a, b) in enumerate(bounds):
+                if i != group.my_index:
+                    part_residual = None if residual is None else residual[a:b]
+                    task = asyncio.create_task(self._exchange(group, i, rnd, flat[a:b], float(weight), part_residual))
+                    tasks[task] = i
+            lost, errors = await self._settle(rnd, tasks, deadline)
+            missing = [i for i in range(group.size) if i not in rnd.values]
+            recovered = 0
+            if missing:
+                rnd.settled.set()  # we hold all we will get: other members may ask us now
+                reachable = [i for i in range(group.size) if i != group.my_index and i not in lost]
+                recovery_deadline = max(deadline, loop.time() + min(10.0, self.timeout_seconds))
+                recovered = await self._recover(group, rnd, missing, reachable, recovery_deadline)
+                missing = [i for i in range(group.size) if i not in rnd.values]
+            suspects = [group.peer_ids[i] for i in sorted(lost)]
+            if missing:
+                reasons = "; ".join(errors[:3]) or "timed out"
+                raise AllReduceError(
+                    f"all-reduce of group {group.group_id.hex()} is missing averaged parts {missing} ({reasons})",
+                    suspects,
+                )
+            if not lost:
+                # Our averaged part has gone out to every member: then the byte counts are complete, and nobody
+                # is left waiting on us when we return.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(rnd.all_served.wait(), max(0.0, deadline - loop.time()))
         finally:
-            for task in [reducer, *tasks]:
-                task.cancel()  # gather leaves the others running when one fails
-            # Keep the round a little for late replies in flight, then forget it.
-            asyncio.get_running_loop().call_later(
-                self.timeout_seconds, lambda gid=group.group_id: self._rounds.pop(gid, None)
-            )
-        own_result, *others = parts
-        others.insert(group.my_index, own_result)
-        averaged = torch.cat(others)
+            rnd.settled.set()
+            self._forget_later(group.group_id, rnd)
+        averaged = torch.cat([rnd.values[i] for i in range(group.size)])
         total = sum(w for w, _ in rnd.contributions.values())
-        return AllReduceResult(averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started)
+        return AllReduceResult(
+            averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started, recovered
+        )
+
+    async def _settle(self, rnd: _Round, tasks: dict[asyncio.Task, int], deadline: float) -> tuple[set[int], list]:
+        """Run the exchanges to their end or the deadline. Returns the members lost and the other errors seen."""
+        loop = asyncio.get_running_loop()
+        lost: set[int] = set()
+        errors: list[str] = []
+        pending = set(tasks)
+        try:
+            while pending and loop.time() < deadline:
+                done, pending = await asyncio.wait(
+                    pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    error = task.exception()
+                    if isinstance(error, _MemberLost):
+                        lost.add(error.index)
+                        errors.append(f"member {error.index}: {error}")
+                        # A reduction that still lacks a lost member's contribution can never finish: say so now,
+                        # so the members waiting for it do not wait out the bound.
+                        if error.index not in rnd.contributions:
+                            rnd.fail(f"member {error.index} was lost before it contributed")
+                    elif error is not None:
+                        errors.append(str(error))
+        finally:
+            for task in pending:
+                task.cancel()
+        if pending:  # the deadline passed: whoever we still wait for is silent
+            group = rnd.group
+            silent = {i for i in range(group.size) if i not in rnd.contributions}
+            silent |= {tasks[t] for t in pending if tasks[t] != group.my_index}
+            lost |= silent
+            rnd.fail(f"timed out after {self.timeout_seconds}s waiting for members {sorted(silent)}")
+            errors.append(f"timed out waiting for members {sorted(silent)}")
+        return lost, errors
+
+    async def _recover(self, group: Group, rnd: _Round, missing: list[int], members: list[int], deadline) -> int:
+        """Ask the other members for averaged parts we lack; returns how many we got."""
+        loop = asyncio.get_running_loop()
+        before = len(rnd.values)
+
+        async def ask(index: int) -> None:
+            peer = group.peer_ids[index]
+            _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
+            try:
+                wanted = [i for i in missing if i not in rnd.values]
+                request = {"type": "fetch", "group_id": group.group_id, "parts": wanted}
+                await write_frame(writer, request, b"", rnd.counter)
+                reply, _ = await read_frame(reader, rnd.counter, max_payload=0)
+                indices = require(reply, "indices", list)
+                for i in indices:
+                    header, payload = await read_frame(reader, rnd.counter)
+                    if header.get("index") != i or i not in wanted:
+                        raise ProtocolError(f"member {index} sent part {header.get('index')} out of order")
+                    if i in rnd.values:
+                        continue
+                    numel = rnd.bounds[i][1] - rnd.bounds[i][0]
+                    values = await _maybe_in_thread(self.codec.decode, payload, numel)
+                    if not torch.isfinite(values).all():
+                        raise ProtocolError(f"member {index} sent a non-finite averaged part {i}")
+                    rnd.payloads[i], rnd.values[i] = payload, values
+            finally:
+                close_writer(writer)
+
+        tasks = [asyncio.create_task(ask(i)) for i in members]
+        try:
+            pending = set(tasks)
+            while pending and any(i not in rnd.values for i in missing) and loop.time() < deadline:
+                done, pending = await asyncio.wait(
+                    pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    if task.exception() is not None:
+                        logger.debug(f"recovering averaged parts failed: {task.exception()!r}")
+        finally:
+            for task in tasks:
+                task.cancel()
+        got = len(rnd.values) - before
+        if got:
+            logger.info(f"got {got} averaged parts of group {group.group_id.hex()} from other members")
+        return got
 
     def _roundtrip(self, part: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(self.codec.encode(part), part.numel())
 
-    async def _own_result(self, rnd: _Round) -> torch.Tensor:
+    async def _own_result(self, rnd: _Round) -> None:
         payload = await rnd.result
-        return await _maybe_in_thread(self.codec.decode, payload, rnd.part_numel)
+        values = await _maybe_in_thread(self.codec.decode, payload, rnd.part_numel)
+        rnd.payloads[rnd.group.my_index], rnd.values[rnd.group.my_index] = payload, values
 
     async def _exchange(
-        self,
-        group: Group,
-        index: int,
-        part: torch.Tensor,
-        weight: float,
-        counter: ByteCounter,
-        residual: torch.Tensor | None,
-    ) -> torch.Tensor:
+        self, group: Group, index: int, rnd: _Round, part: torch.Tensor, weight: float, residual: torch.Tensor | None
+    ) -> None:
+        """Send our contribution to member `index` and receive the averaged part it reduced."""
         peer: PeerID = group.peer_ids[index]
         payload = await _maybe_in_thread(self.codec.encode, part)
         if residual is not None:
             sent = await _maybe_in_thread(self.codec.decode, payload, part.numel())
             torch.sub(part, sent, out=residual)
-        _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
+        writer = None
         try:
+            _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
             header = {
                 "type": "part",
                 "group_id": group.group_id,
@@ -212,16 +352,31 @@ class Averager:
                 "numel": part.numel(),
                 "codec": self.codec.tag,
             }
-            await write_frame(writer, header, payload, counter)
-            reply, averaged = await read_frame(reader, counter)
+            await write_frame(writer, header, payload, rnd.counter)
+            reply, averaged = await read_frame(reader, rnd.counter)
+        except _LOST as e:
+            raise _MemberLost(index, f"lost contact with {peer}: {e!r}") from e
+        except ProtocolError as e:
+            raise _MemberLost(index, f"{peer} broke the protocol: {e}") from e
+        except BaseException:
+            if writer is not None:
+                close_writer(writer)
+            raise
+        try:
             if reply.get("type") != "averaged":
+                # The member is alive but its reduction failed (e.g. it lost someone else): not a suspect.
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
-            # Acknowledge: the reducer may shut down once every member has its part, and not before.
-            await write_frame(writer, {"type": "ack"}, counter=counter)
-            values = await _maybe_in_thread(self.codec.decode, averaged, part.numel())
+            try:
+                values = await _maybe_in_thread(self.codec.decode, averaged, part.numel())
+            except CodecError as e:
+                raise _MemberLost(index, f"{peer} sent an averaged part we cannot decode: {e}") from e
             if not torch.isfinite(values).all():
-                raise AllReduceError(f"member {index} ({peer}) sent back a non-finite average")
-            return values
+                raise _MemberLost(index, f"{peer} sent back a non-finite average")
+            rnd.payloads[index], rnd.values[index] = averaged, values
+            # Acknowledge: the reducer may shut down once every member has its part, and not before. We hold the
+            # part already, so a reducer that vanished right after sending it costs us nothing.
+            with contextlib.suppress(Exception):
+                await write_frame(writer, {"type": "ack"}, counter=rnd.counter)
         finally:
             close_writer(writer)
 
@@ -237,17 +392,52 @@ class Averager:
             payload = await _maybe_in_thread(self.codec.encode, acc)
             if not rnd.result.done():
                 rnd.result.set_result(payload)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
             rnd.fail(f"reduction failed: {e!r}")
 
-    # ---- the reducer's side: one stream per sender ----------------------------------------------------------------
+    # ---- serving other members: contributions to our part, and averaged parts they missed ------------------------
 
-    async def _handle_part(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id
-        rnd = None
         incoming = ByteCounter()
         try:
             header, payload = await asyncio.wait_for(read_frame(reader, incoming), self.timeout_seconds)
+            if header.get("type") == "fetch":
+                await self._serve_fetch(peer, header, writer)
+            else:
+                await self._serve_part(peer, header, payload, incoming.received, reader, writer)
+        except (ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            logger.debug(f"bad request from {peer}: {e!r}")
+            with contextlib.suppress(Exception):
+                await write_frame(writer, {"type": "error", "reason": f"malformed request: {e}"})
+        except Exception as e:
+            logger.debug(f"reduce stream from {peer} failed: {e!r}")
+        finally:
+            close_writer(writer)
+
+    async def _serve_fetch(self, peer: PeerID, header: dict, writer: asyncio.StreamWriter) -> None:
+        group_id = require(header, "group_id", bytes)
+        wanted = require(header, "parts", list)
+        rnd = self._rounds.get(group_id)
+        if rnd is None or rnd.group is None or peer not in rnd.group.peer_ids:
+            await write_frame(writer, {"type": "parts", "indices": []})
+            return
+        if not all(isinstance(i, int) for i in wanted):
+            raise ProtocolError("part indices must be integers")
+        if not all(i in rnd.payloads for i in wanted):
+            # We may still be receiving them: answer once our own attempt is over.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(rnd.settled.wait(), self.timeout_seconds)
+        have = [i for i in dict.fromkeys(wanted) if i in rnd.payloads]
+        await write_frame(writer, {"type": "parts", "indices": have})
+        for i in have:
+            await write_frame(writer, {"type": "part", "index": i}, rnd.payloads[i])
+
+    async def _serve_part(self, peer, header, payload, nbytes: int, reader, writer) -> None:
+        rnd = None
+        try:
             group_id = require(header, "group_id", bytes)
             sender = require(header, "sender", int)
             weight = float(require(header, "weight", (int, float)))
@@ -266,7 +456,7 @@ class Averager:
                 raise ProtocolError(f"{peer} is not member {sender} of group {group_id.hex()}")
             if numel != rnd.part_numel:
                 raise ProtocolError(f"part has {numel} values, expected {rnd.part_numel}")
-            rnd.counter.received += incoming.received
+            rnd.counter.received += nbytes
             values = await _maybe_in_thread(self.codec.decode, payload, numel)
             if not torch.isfinite(values).all():
                 raise ProtocolError("contribution holds NaN or inf")
@@ -288,8 +478,4 @@ class Averager:
                 await write_frame(writer, {"type": "error", "reason": str(e)})
         except (AllReduceError, asyncio.TimeoutError) as e:
             with contextlib.suppress(Exception):
-                await write_frame(writer, {"type": "error", "reason": f"round failed: {e!r}"})
-        except Exception as e:
-            logger.debug(f"reduce stream from {peer} failed: {e!r}")
-        finally:
-            close_writer(writer)
+                await write_frame(writer, {"type": "error", "reason": f"round failed: {e}"})

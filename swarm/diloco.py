@@ -5,8 +5,12 @@ pseudo-gradient Δ = θ − θ_local, matchmaking for this outer step, token-wei
 Nesterov SGD on θ. Members of a group end with bit-identical θ. What happens when things go wrong:
 
 - no group within the matchmaking timeout: the peer applies its own Δ and reports group_size 1;
-- the all-reduce fails (a member died, a bad contribution): θ is left as it was, and the caller keeps its local
-  parameters, so the next outer step's Δ carries this step's work too (nothing lost, nothing partial applied);
+- a member dies mid-round: the others finish every averaged part they can and share them among themselves (see
+  swarm.allreduce); if some part is lost for good, the survivors form a new group for the same step without the lost
+  members and average again (`allreduce_retries` times), so the round averages exactly the contributions that
+  fully arrived;
+- the all-reduce still fails: θ is left as it was, and the caller keeps its local parameters, so the next outer
+  step's Δ carries this step's work too (nothing lost, nothing partial applied);
 - Δ holds NaN or inf: nothing is sent, θ is left as it was, and the caller restarts from θ.
 """
 
@@ -47,6 +51,11 @@ class SwarmConfig:
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
     allreduce_timeout_seconds: float = 120.0
     """Bound on one all-reduce once the group is formed."""
+    allreduce_retries: int = 1
+    """New groups tried for the same outer step, without the lost members, after an all-reduce failed.
+
+    A round with a dead member ends within (1 + retries) x (matchmaking timeout + all-reduce timeout) at worst;
+    a member that dies outright (its connections close) is noticed at once, and the retry takes seconds."""
     state_chunk_values: int = 1 << 20
     """Values per request when a peer downloads the run's state from several donors at once."""
     error_feedback: bool = False
@@ -58,6 +67,8 @@ class SwarmConfig:
         self.matchmaking.validate()
         if self.allreduce_timeout_seconds <= 0:
             raise ValueError("allreduce_timeout_seconds must be positive")
+        if self.allreduce_retries < 0:
+            raise ValueError("allreduce_retries must be at least 0")
 
 
 class StepStatus(str, enum.Enum):
@@ -79,6 +90,10 @@ class OuterStepReport:
     comm_seconds: float = 0.0
     params_sha256: str = ""
     error: str | None = None
+    group_id: str = ""
+    """Hex id of the group whose average was applied (empty when none was)."""
+    attempts: int = 0
+    """All-reduces tried for this step (more than one after a member was lost)."""
 
     @property
     def restart_from_global(self) -> bool:
@@ -268,33 +283,56 @@ class Swarm:
             # The run moved on without us, or our θ drifted from it: our Δ is against a θ nobody else holds.
             await self._rejoin()
             return self._advance(StepStatus.RESYNCED, 0, started, next_step=False)
-        group = await self.matchmaker.form_group(step)
-        if group is None or group.size == 1:
-            timeout = self.config.matchmaking.timeout_seconds
-            why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
-            logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-            self._apply(delta)
-            return self._advance(StepStatus.ALONE, 1, started)
         contribution, residual = delta, None
         if self.residual is not None:
             contribution, residual = delta + self.residual, torch.empty_like(delta)
-        try:
-            result = await self.averager.all_reduce(group, contribution, float(tokens), residual)
-        except AllReduceError as e:
-            error = f"outer step {step}: all-reduce with {group.size} peers failed ({e}); θ unchanged, work carried"
-            logger.warning(error)
-            return self._advance(StepStatus.ALLREDUCE_FAILED, group.size, started, error=error)
+        excluded: set = set()
+        attempt = 0
+        while True:
+            group = await self.matchmaker.form_group(step, exclude=excluded)
+            if group is None or group.size == 1:
+                timeout = self.config.matchmaking.timeout_seconds
+                why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
+                logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
+                self._apply(delta)
+                return self._advance(StepStatus.ALONE, 1, started, attempts=attempt)
+            attempt += 1
+            try:
+                result = await self.averager.all_reduce(group, contribution, float(tokens), residual)
+                break
+            except AllReduceError as e:
+                if attempt > self.config.allreduce_retries:
+                    error = f"outer step {step}: all-reduce with {group.size} peers failed ({e}); θ unchanged"
+                    logger.warning(f"{error}, work carried into the next step")
+                    status = StepStatus.ALLREDUCE_FAILED
+                    return self._advance(status, group.size, started, error=error, attempts=attempt)
+                excluded |= e.suspects
+                lost = ", ".join(str(p) for p in e.suspects) or "none identified"
+                logger.warning(
+                    f"outer step {step}: all-reduce with {group.size} peers failed ({e}); lost members: {lost};"
+                    f" forming a new group without them"
+                )
         self._apply(result.averaged)
         self._last_group = (step + 1, group.peer_ids)
         if residual is not None:
             self.residual = residual
-        return self._advance(StepStatus.AVERAGED, group.size, started, result.bytes_sent, result.bytes_received)
+        return self._advance(
+            StepStatus.AVERAGED,
+            group.size,
+            started,
+            result.bytes_sent,
+            result.bytes_received,
+            group_id=group.group_id.hex(),
+            attempts=attempt,
+        )
 
     def _apply(self, flat_delta: torch.Tensor) -> None:
         self.outer.step(unflatten(flat_delta, self.params))
         self._state_version += 1
 
-    def _advance(self, status, group_size, started, sent=0, received=0, error=None, next_step=True) -> OuterStepReport:
+    def _advance(
+        self, status, group_size, started, sent=0, received=0, error=None, next_step=True, group_id="", attempts=0
+    ) -> OuterStepReport:
         if next_step:
             self.global_step += 1
             self.matchmaker.set_outer_step(self.global_step)
@@ -308,6 +346,8 @@ class Swarm:
             comm_seconds=time.perf_counter() - started,
             params_sha256=digest,
             error=error,
+            group_id=group_id,
+            attempts=attempts,
         )
 
     async def publish_hash(self, report: OuterStepReport) -> None:

@@ -186,11 +186,14 @@ class Matchmaker:
         state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds)
         await self._declare(state, looking=False)
 
-    async def form_group(self, outer_step: int) -> Group | None:
-        """Find a group for `outer_step` within the configured timeout; None if this peer should average alone."""
+    async def form_group(self, outer_step: int, exclude=()) -> Group | None:
+        """Find a group for `outer_step` within the configured timeout; None if this peer should average alone.
+
+        Peers in `exclude` (e.g. members lost in a failed round of this step) are neither joined nor waited for.
+        """
         if self._looking is not None:
             raise RuntimeError("form_group is already running on this peer")
-        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds)
+        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds, excluded=set(exclude))
         self._looking = state
         try:
             await self._declare(state, looking=True)

@@ -8,6 +8,7 @@ in one process. The node knows nothing about models or runs; matchmaking and ave
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -110,11 +111,23 @@ class SwarmNode:
         return len(self.dht.protocol.routing_table.uid_to_peer_id)
 
     async def close(self) -> None:
-        """Stops the DHT node and its p2p daemon; waits for the daemon process to exit."""
+        """Stops the DHT node and its p2p daemon; waits for the daemon process to exit.
+
+        Also safe when the daemon already died: hivemind waits forever on replies from a dead daemon while it
+        unregisters handlers, so that step is skipped (daemon gone) or bounded (daemon stuck).
+        """
         if self._closed:
             return
         self._closed = True
-        await self.dht.shutdown()
+        daemon = getattr(self.p2p, "_child", None)
+        if daemon is None or daemon.returncode is None:
+            try:
+                await asyncio.wait_for(self.dht.shutdown(), 10)
+            except Exception as e:
+                logger.warning(f"the DHT node did not shut down cleanly ({e!r}); stopping its p2p daemon")
+        self.dht.is_alive = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.p2p.shutdown(), 10)
         if self._reaper is not None:
             self._reaper.kill()
             self._reaper.wait()

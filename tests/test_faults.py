@@ -12,7 +12,14 @@ from swarm.matchmaking import Group
 from swarm.state import StateServer
 from swarm.wire import read_frame, write_frame
 from tests.conftest import swarm_of
-from tests.test_swarm import config, make_params, perturbed, running_swarms
+from tests.test_swarm import (
+    assert_params_close,
+    config,
+    make_params,
+    perturbed,
+    reference_outer_step,
+    running_swarms,
+)
 
 
 async def _raw_request(node, peer_id, protocol: str, data: bytes) -> tuple[dict, bytes]:
@@ -68,11 +75,12 @@ async def test_join_with_another_schema_gets_a_clear_refusal():
 
 
 @pytest.mark.timeout(120)
-async def test_member_that_never_contributes_fails_the_round_and_nothing_partial_is_applied():
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_member_that_never_contributes_is_left_out_and_nothing_partial_is_applied(retries):
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
         cfg = config()
-        cfg.allreduce_timeout_seconds = 3
+        cfg.allreduce_timeout_seconds, cfg.allreduce_retries = 3, retries
         async with running_swarms(nodes, theta, lambda i: cfg) as swarms:
             # Fault: peer 2 joins the group of step 0, then goes silent (it never sends its part).
             async def silent_member():
@@ -82,13 +90,21 @@ async def test_member_that_never_contributes_fails_the_round_and_nothing_partial
 
             locals_ = [perturbed(theta, i) for i in range(2)]
             *reports, _ = await asyncio.gather(
-                swarms[0].outer_step(locals_[0], 10), swarms[1].outer_step(locals_[1], 10), silent_member()
+                swarms[0].outer_step(locals_[0], 10), swarms[1].outer_step(locals_[1], 30), silent_member()
             )
-            for swarm, report in zip(swarms[:2], reports):
-                assert report.status == StepStatus.ALLREDUCE_FAILED and report.group_size == 3
-                assert not report.restart_from_global  # the caller keeps its local work for the next step
-                assert all(torch.equal(a, b) for a, b in zip(swarm.params, theta))  # θ untouched
-                assert report.outer_step == 1
+            if retries == 0:
+                for swarm, report in zip(swarms[:2], reports):
+                    assert report.status == StepStatus.ALLREDUCE_FAILED and report.group_size == 3
+                    assert not report.restart_from_global  # the caller keeps its local work for the next step
+                    assert all(torch.equal(a, b) for a, b in zip(swarm.params, theta))  # θ untouched
+                    assert report.outer_step == 1
+            else:
+                # The two that spoke form a new group without the silent one and average exactly their own work.
+                expected, _ = reference_outer_step(theta, locals_, [10, 30])
+                for swarm, report in zip(swarms[:2], reports):
+                    assert report.status == StepStatus.AVERAGED and report.group_size == 2 and report.attempts == 2
+                    assert_params_close(swarm.params, expected)
+                assert reports[0].params_sha256 == reports[1].params_sha256
 
 
 @pytest.mark.timeout(60)
