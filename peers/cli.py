@@ -94,6 +94,12 @@ def _check_maddrs(flag: str, values) -> list[str]:
     help="Seconds one all-reduce may take once the group is formed.",
 )
 @click.option(
+    "--allreduce-retries",
+    type=click.IntRange(min=0),
+    default=1,
+    help="New groups tried for the same outer step, without the lost members, after a member was lost mid-round.",
+)
+@click.option(
     "--outer-steps",
     type=click.IntRange(min=1),
     default=None,
@@ -186,6 +192,7 @@ def build_config(flags: dict):
             timeout_seconds=flags["matchmaking_timeout"],
         ),
         allreduce_timeout_seconds=flags["allreduce_timeout"],
+        allreduce_retries=flags["allreduce_retries"],
         error_feedback=flags["error_feedback"],
     )
     return PeerConfig(

@@ -79,7 +79,7 @@ class Peer:
         params = [p.detach() for p in self.model.parameters()]
         self.swarm = await Swarm.create(self.node, params, self.config.swarm)
         data_position = self._restore()
-        if await self.swarm.catch_up():
+        if await self.swarm.join_run():
             # The run is ahead of us (a newcomer, or a checkpoint older than the swarm): start from its θ.
             self._load_global_into_model()
             self._pending_tokens = 0

@@ -271,8 +271,11 @@ class Averager:
                 task.cancel()
         if pending:  # the deadline passed: whoever we still wait for is silent
             group = rnd.group
+            # A member that never sent us its contribution is silent. Waiting for another member's averaged part
+            # proves nothing while our own part is incomplete: that member may be waiting for the same silent one.
             silent = {i for i in range(group.size) if i not in rnd.contributions}
-            silent |= {tasks[t] for t in pending if tasks[t] != group.my_index}
+            if not silent:
+                silent = {tasks[t] for t in pending if tasks[t] != group.my_index}
             lost |= silent
             rnd.fail(f"timed out after {self.timeout_seconds}s waiting for members {sorted(silent)}")
             errors.append(f"timed out waiting for members {sorted(silent)}")

@@ -161,6 +161,17 @@ class Swarm:
             self._adopt(taken)
         return taken is not None
 
+    async def join_run(self, timeout_seconds: float = 60.0) -> bool:
+        """On start: take over the run's state if it is ahead, and line up with its next round. True if taken.
+
+        If the others are already forming the round of the step we took over, our first inner loop would arrive too
+        late for it: we wait for that round's result instead, so that our first inner loop starts with theirs.
+        """
+        if not await self.catch_up(timeout_seconds):
+            return False
+        await self._rejoin()
+        return True
+
     async def repair_drift(self, timeout_seconds: float = 60.0) -> bool:
         """If most members of our last group published another θ hash than ours for that step, take their θ.
 
@@ -199,8 +210,9 @@ class Swarm:
         other live peers are at step s, whether they are still in their inner loop or already forming the round.
 
         If the others are still in their inner loop of step s, our next inner loop (from θ_s) reaches round s in
-        time. If round s is being formed right now, we cannot take part (we have no Δ against θ_s): we say so, so
-        nobody waits for us, and wait for the round's result θ_{s+1} instead of lagging one round behind forever.
+        time. If round s is being formed right now by enough peers to close it, we cannot take part (we have no Δ
+        against θ_s): we say so, so nobody waits for us, and wait for the round's result θ_{s+1} instead of lagging one
+        round behind forever.
         """
         step = self.global_step
         now = get_dht_time()
@@ -210,7 +222,9 @@ class Swarm:
             others = any(h.outer_step == step and h.schema == self.schema and h.peer_id != me for h in live)
         else:
             declared = await self.matchmaker.declarations(step)
-            others = any(d.looking and d.schema == self.schema and d.deadline > now for d in declared)
+            looking = [d for d in declared if d.looking and d.schema == self.schema and d.deadline > now]
+            # Too few to average without us: they wait for more peers anyway, so we train and join them instead.
+            others = len(looking) >= self.config.matchmaking.min_group_size
         if not others:
             return
         await self.matchmaker.sit_out(step)

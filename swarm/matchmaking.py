@@ -12,6 +12,10 @@ Join protocol (one binary stream per join, frames from `swarm.wire`):
   follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d}
   leader -> follower: {"type": "accepted"} | {"type": "rejected", "reason": r} | {"type": "redirect", "leader": id}
   once accepted: {"type": "begin", "group_id": b, "peers": [ids]} | {"type": "redirect", ...} | {"type": "disband"}
+  leader -> peer it waits for: {"type": "ping"}; peer -> leader: {"type": "pong"}
+
+A leader waiting for a live peer that has not joined yet pings it: a peer that crashed leaves its heartbeat in the DHT
+for a few seconds, and the ping (which fails at once on a dead daemon) keeps the group from waiting for it.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class _Looking:
     leader: PeerID | None = None  # whom we follow; None while we lead (possibly a group of one)
     followers: dict[PeerID, _Follower] = field(default_factory=dict)
     excluded: set[PeerID] = field(default_factory=set)
+    probes: dict[PeerID, asyncio.Task] = field(default_factory=dict)
     closed: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -200,6 +205,8 @@ class Matchmaker:
             return await self._look(state)
         finally:
             state.closed = True
+            for probe in state.probes.values():
+                probe.cancel()
             for follower in state.followers.values():
                 if not follower.outcome.done():
                     follower.outcome.set_result({"type": "disband"})
@@ -257,10 +264,39 @@ class Matchmaker:
         expected -= done | state.excluded
         if expected <= members:
             return self._close_group(state)
+        for peer in expected - members:
+            self._probe_later(state, peer)
         earliest = min([state.deadline, *(f.deadline for f in state.followers.values())])
         if now >= earliest - min(1.0, 0.1 * cfg.timeout_seconds) - cfg.poll_interval_seconds:
             return self._close_group(state)
         return None
+
+    def _probe_later(self, state: _Looking, peer: PeerID) -> None:
+        """Ping a peer we wait for (at most one ping in flight, one every heartbeat interval); exclude it if dead."""
+        probe = state.probes.get(peer)
+        if probe is not None and not probe.done():
+            return
+        if probe is not None and probe.result() + self.config.heartbeat_interval_seconds > get_dht_time():
+            return
+
+        async def ping() -> float:
+            writer = None
+            try:
+                _, reader, writer = await asyncio.wait_for(
+                    self.node.p2p.call_binary_stream_handler(peer, self._protocol), self.config.request_timeout_seconds
+                )
+                await write_frame(writer, {"type": "ping"})
+                await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
+            except Exception as e:
+                logger.info(f"not waiting for {peer} at step {state.outer_step}: it does not answer ({e!r})")
+                state.excluded.add(peer)
+                state.changed.set()
+            finally:
+                if writer is not None:
+                    close_writer(writer)
+            return get_dht_time()
+
+        state.probes[peer] = asyncio.create_task(ping())
 
     def _close_group(self, state: _Looking) -> Group:
         peers = sorted([self.peer_id, *state.followers], key=lambda p: p.to_bytes())
@@ -328,6 +364,9 @@ class Matchmaker:
         peer = stream_info.peer_id
         try:
             request, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
+            if request.get("type") == "ping":
+                await write_frame(writer, {"type": "pong"})
+                return
             step = require(request, "step", int)
             schema = require(request, "schema", str)
             deadline = float(require(request, "deadline", (int, float)))

@@ -41,14 +41,15 @@ def kill_hard(process) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcomer(tmp_path):
     boot = start_bootstrap(str(tmp_path))
     procs = {}
     try:
         for name in ("a", "b", "c"):
-            procs[name] = start_peer(str(tmp_path), name, boot.maddrs, "--run-id", "el", "--outer-steps", "40",
-                                     "--metrics-file", str(tmp_path / f"{name}.jsonl"), *FAST)  # fmt: skip
+            procs[name] = start_peer(str(tmp_path), name, boot.maddrs, "--run-id", "el", "--outer-steps", "60",
+                                     "--metrics-file", str(tmp_path / f"{name}.jsonl"),
+                                     "--checkpoint-dir", str(tmp_path / f"ckpt-{name}"), *FAST)  # fmt: skip
         metrics = {name: tmp_path / f"{name}.jsonl" for name in procs}
         wait_for(lambda: all(len(read_metrics(str(m))) >= 2 for m in metrics.values()), 150, "two outer steps")
         assert all(r["group_size"] == 3 for r in read_metrics(str(metrics["a"]))[:2])
@@ -66,7 +67,7 @@ def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcome
         # A newcomer joins through peer a's own address, takes over the run's state, and averages with a and b.
         address = own_address(tmp_path / "a.log")
         assert "/p2p/" in address
-        procs["d"] = start_peer(str(tmp_path), "d", [address], "--run-id", "el", "--outer-steps", "2",
+        procs["d"] = start_peer(str(tmp_path), "d", [address], "--run-id", "el", "--outer-steps", "3",
                                 "--metrics-file", str(tmp_path / "d.jsonl"), *FAST)  # fmt: skip
         assert procs["d"].wait(timeout=150) == 0, (tmp_path / "d.log").read_text()
         assert "caught up with the run" in (tmp_path / "d.log").read_text()
@@ -77,6 +78,21 @@ def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcome
             if record["group_size"] == 3:
                 assert by_step[record["outer_step"]]["params_sha256"] == record["params_sha256"]
         assert any(r["group_size"] == 3 for r in joined)
+
+        # The killed peer restarts with its checkpoint directory: it resumes, finds the run ahead, takes its state
+        # and averages with the others again.
+        procs["c"] = start_peer(str(tmp_path), "c", [address], "--run-id", "el", "--outer-steps", "3",
+                                "--metrics-file", str(tmp_path / "c2.jsonl"),
+                                "--checkpoint-dir", str(tmp_path / "ckpt-c"), *FAST)  # fmt: skip
+        assert procs["c"].wait(timeout=150) == 0, (tmp_path / "c.log").read_text()
+        log = (tmp_path / "c.log").read_text()
+        assert "resumed from" in log and "caught up with the run" in log
+        rejoined = read_metrics(str(tmp_path / "c2.jsonl"))
+        by_step = {r["outer_step"]: r for r in read_metrics(str(metrics["a"]))}
+        assert any(r["group_size"] >= 3 for r in rejoined)
+        for record in rejoined:
+            if record["group_size"] >= 3:
+                assert by_step[record["outer_step"]]["params_sha256"] == record["params_sha256"]
         for name in ("a", "b"):
             assert procs[name].poll() is None, f"peer {name} died"
     finally:

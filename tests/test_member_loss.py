@@ -140,3 +140,23 @@ async def test_member_killed_after_answering_one_member_costs_nothing():
     # Member 0 holds the dead reducer's part: member 1 gets it from member 0, and the round completes for all
     # three contributions, the dead one's included (it fully arrived).
     await run_until_fault(DiesAfterServingOne, group_size_at_fault=3, survivors_only=False)
+
+
+@pytest.mark.timeout(120)
+async def test_peer_killed_in_its_inner_loop_is_not_waited_for():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config(timeout=20)) as swarms:
+            locals_ = [perturbed(theta, i) for i in range(3)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [3, 3, 3]
+            # Peer 2 dies while training: its heartbeat still says "at step 1" in the DHT for a few seconds.
+            kill_daemon(nodes[2])
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            locals_ = [perturbed([p.clone() for p in s.params], 10 + i) for i, s in enumerate(swarms[:2])]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms[:2], locals_)])
+            assert [r.group_size for r in reports] == [2, 2]
+            assert reports[0].params_sha256 == reports[1].params_sha256
+            # Without the ping the leader would wait for the dead peer's heartbeat to expire (3 intervals, 6 s).
+            assert loop.time() - started < 4
