@@ -42,6 +42,18 @@ def _check_maddrs(flag: str, values) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Sequences per inner step.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, help="Tokens per sequence.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Inner AdamW learning rate.")
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Inner steps of the run (all outer steps together) of linear learning-rate warmup.",
+)
+@click.option(
+    "--decay-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Inner steps of the run after which a cosine decay reaches 10%% of --lr; default: no decay.",
+)
 @click.option("--outer-lr", type=click.FloatRange(min=0, min_open=True), default=0.7, help="Outer SGD learning rate.")
 @click.option(
     "--outer-momentum",
@@ -154,6 +166,11 @@ def build_config(flags: dict):
             f"{flags['max_group_size']} is smaller than --min-group-size {flags['min_group_size']}",
             param_hint="'--max-group-size'",
         )
+    if flags["decay_steps"] is not None and flags["decay_steps"] <= flags["warmup_steps"]:
+        raise click.BadParameter(
+            f"{flags['decay_steps']} must be larger than --warmup-steps {flags['warmup_steps']}",
+            param_hint="'--decay-steps'",
+        )
     if flags["announce_maddrs"]:
         for maddr in flags["announce_maddrs"]:
             if maddr.endswith("/tcp/0") or "/tcp/0/" in maddr:
@@ -198,7 +215,7 @@ def build_config(flags: dict):
     return PeerConfig(
         node=node,
         swarm=swarm,
-        inner=InnerConfig(lr=flags["lr"]),
+        inner=InnerConfig(lr=flags["lr"], warmup_steps=flags["warmup_steps"], decay_steps=flags["decay_steps"]),
         inner_steps=flags["inner_steps"],
         batch_size=flags["batch_size"],
         seq_len=flags["seq_len"],

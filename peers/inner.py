@@ -21,6 +21,26 @@ class InnerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 turns it off."""
+    warmup_steps: int = 0
+    """Inner steps of the run (counted across all outer steps) over which the learning rate rises linearly to `lr`."""
+    decay_steps: int | None = None
+    """Inner steps of the run after which a cosine decay reaches `min_lr_ratio * lr`; None keeps `lr` after warmup."""
+    min_lr_ratio: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the run's inner step `step` (outer step t, inner step k: step = t * H + k).
+
+        The position comes from the run's outer-step counter, so a peer that joins or resumes anywhere in the run is
+        at the same point of the schedule as everyone else.
+        """
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay_steps is None:
+            return self.lr
+        span = max(1, self.decay_steps - self.warmup_steps)
+        progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * scale
 
 
 @dataclass
@@ -52,14 +72,20 @@ class InnerLoop:
         steps: int,
         stop: threading.Event | None = None,
         on_step: Callable[[float, int], None] | None = None,
+        first_step: int = 0,
     ) -> InnerResult:
-        """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set."""
+        """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set.
+
+        `first_step` is the run's index of the first of these steps: it places them on the learning-rate schedule.
+        """
         self.model.train()
         losses, tokens, started, taken = [], 0, time.perf_counter(), 0
         for _ in range(steps):
             if stop is not None and stop.is_set():
                 break
             batch = next(self.batches)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr_at(first_step + taken)
             out = self.model(input_ids=batch, labels=batch)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()

@@ -158,7 +158,8 @@ class Peer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
 
-        return self.inner.run(self.config.inner_steps, self.stop_requested, on_step)
+        first_step = self.swarm.global_step * self.config.inner_steps
+        return self.inner.run(self.config.inner_steps, self.stop_requested, on_step, first_step)
 
     async def _outer_step(self, result: InnerResult) -> OuterStepReport:
         local = [p.detach() for p in self.model.parameters()]

@@ -331,7 +331,8 @@ class Averager:
         return self.codec.decode(self.codec.encode(part), part.numel())
 
     async def _own_result(self, rnd: _Round) -> None:
-        payload = await rnd.result
+        # Shielded: cancelling this task must not cancel the result that the handlers still serve to the others.
+        payload = await asyncio.shield(rnd.result)
         values = await _maybe_in_thread(self.codec.decode, payload, rnd.part_numel)
         rnd.payloads[rnd.group.my_index], rnd.values[rnd.group.my_index] = payload, values
 

@@ -5,7 +5,7 @@ declared peer with the smallest peer id is the leader; the others open a join st
 group as soon as every live peer of the run at step t has joined (heartbeats tell who is alive and where), or, at the
 latest, shortly before the earliest deadline among its members. It then sends every member the same ordered member
 list and a fresh group id. A peer that sees a smaller leader than its own leader-candidate redirects its followers
-there, so groups converge on the smallest peer id; a leader that refuses, dies, or fails to answer is excluded and the
+there, so groups converge on the smallest peer id; a leader that refuses, dies, or fails to answer is skipped and the
 next one is tried. A peer that finds no group before its deadline gets None and averages alone.
 
 Join protocol (one binary stream per join, frames from `swarm.wire`):
@@ -90,7 +90,10 @@ class _Looking:
     deadline: float
     leader: PeerID | None = None  # whom we follow; None while we lead (possibly a group of one)
     followers: dict[PeerID, _Follower] = field(default_factory=dict)
-    excluded: set[PeerID] = field(default_factory=set)
+    excluded: dict[PeerID, float] = field(default_factory=dict)
+    """Peers not to try as leader, until the given DHT time. Skipping a leader never means not waiting for it."""
+    dead: set[PeerID] = field(default_factory=set)
+    """Peers not to wait for: they did not answer a ping, or were lost in a failed round of this step."""
     probes: dict[PeerID, asyncio.Task] = field(default_factory=dict)
     closed: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -194,11 +197,12 @@ class Matchmaker:
     async def form_group(self, outer_step: int, exclude=()) -> Group | None:
         """Find a group for `outer_step` within the configured timeout; None if this peer should average alone.
 
-        Peers in `exclude` (e.g. members lost in a failed round of this step) are neither joined nor waited for.
+        Peers in `exclude` (e.g. members lost in a failed round of this step) are not waited for.
         """
         if self._looking is not None:
             raise RuntimeError("form_group is already running on this peer")
-        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds, excluded=set(exclude))
+        # Not waited for, but still followed if they lead: a peer we wrongly took for lost loses nothing.
+        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds, dead=set(exclude))
         self._looking = state
         try:
             await self._declare(state, looking=True)
@@ -225,7 +229,10 @@ class Matchmaker:
                 candidates = [
                     d.peer_id
                     for d in decls
-                    if d.looking and d.schema == self.schema and d.deadline > now and d.peer_id not in state.excluded
+                    if d.looking
+                    and d.schema == self.schema
+                    and d.deadline > now
+                    and state.excluded.get(d.peer_id, 0) <= now
                 ]
                 best = min([self.peer_id, *candidates], key=lambda p: p.to_bytes())
                 if best != self.peer_id:
@@ -261,7 +268,9 @@ class Matchmaker:
         expected = {h.peer_id for h in live if h.outer_step == state.outer_step and h.schema == self.schema} | {
             d.peer_id for d in decls if d.looking and d.schema == self.schema and d.deadline > now
         }
-        expected -= done | state.excluded
+        # Leaders we skipped are still waited for: one that redirected us may lead a moment later, and closing
+        # without it would split the step into two groups that never meet.
+        expected -= done | state.dead
         if expected <= members:
             return self._close_group(state)
         for peer in expected - members:
@@ -289,7 +298,8 @@ class Matchmaker:
                 await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
             except Exception as e:
                 logger.info(f"not waiting for {peer} at step {state.outer_step}: it does not answer ({e!r})")
-                state.excluded.add(peer)
+                state.dead.add(peer)
+                state.excluded[peer] = float("inf")
                 state.changed.set()
             finally:
                 if writer is not None:
@@ -320,9 +330,16 @@ class Matchmaker:
         state.leader = leader
         writer = None
         try:
-            _, reader, writer = await asyncio.wait_for(
-                self.node.p2p.call_binary_stream_handler(leader, self._protocol), self.config.request_timeout_seconds
-            )
+            try:
+                _, reader, writer = await asyncio.wait_for(
+                    self.node.p2p.call_binary_stream_handler(leader, self._protocol),
+                    self.config.request_timeout_seconds,
+                )
+            except Exception as e:  # unreachable: neither follow it nor wait for it
+                logger.debug(f"cannot reach {leader} for step {state.outer_step}: {e!r}")
+                state.dead.add(leader)
+                state.excluded[leader] = float("inf")
+                return None, None
             request = {"type": "join", "step": state.outer_step, "schema": self.schema, "deadline": state.deadline}
             await write_frame(writer, request)
             reply, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
@@ -333,18 +350,23 @@ class Matchmaker:
             if kind == "begin":
                 return self._parse_begin(state, leader, reply), None
             if kind == "redirect":
-                state.excluded.add(leader)
+                # It follows someone else right now; it may lead later (if its own leader fails): skip it briefly.
+                state.excluded[leader] = get_dht_time() + 3 * self.config.poll_interval_seconds
                 next_leader = PeerID.from_base58(require(reply, "leader", str))
-                return None, (None if next_leader in state.excluded or next_leader == self.peer_id else next_leader)
-            if kind == "rejected":
-                reason = reply.get("reason", "no reason given")
-                level = logging.WARNING if "incompatible" in str(reason) else logging.DEBUG
-                logger.log(level, f"peer {leader} refused us for step {state.outer_step}: {reason}")
-            state.excluded.add(leader)
+                skip = state.excluded.get(next_leader, 0) > get_dht_time() or next_leader == self.peer_id
+                return None, (None if skip else next_leader)
+            reason = str(reply.get("reason", "no reason given")) if kind == "rejected" else f"sent {kind!r}"
+            level = logging.WARNING if "incompatible" in reason else logging.DEBUG
+            logger.log(level, f"peer {leader} refused us for step {state.outer_step}: {reason}")
+            if "not looking" in reason:
+                # Not (or no longer, or not yet) looking for this step: it may be soon, so skip it only briefly.
+                state.excluded[leader] = get_dht_time() + 3 * self.config.poll_interval_seconds
+            else:
+                state.excluded[leader] = float("inf")
             return None, None
-        except Exception as e:  # timeouts, a vanished leader, a malformed reply: try another leader
+        except Exception as e:  # a late answer, a stream cut, a malformed reply: try another leader for a while
             logger.debug(f"joining {leader} for step {state.outer_step} failed: {e!r}")
-            state.excluded.add(leader)
+            state.excluded[leader] = get_dht_time() + self.config.request_timeout_seconds
             return None, None
         finally:
             state.leader = None

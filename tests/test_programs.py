@@ -124,6 +124,8 @@ def test_unreachable_initial_peer_fails_clearly_and_quickly():
         (["--outer-momentum", "1.5"], "--outer-momentum"),
         (["--run-id", "bad id!"], "--run-id"),
         (["--announce-maddrs", "/ip4/1.2.3.4/tcp/0"], "--announce-maddrs"),
+        (["--warmup-steps", "100", "--decay-steps", "50"], "--decay-steps"),
+        (["--allreduce-retries", "-1"], "--allreduce-retries"),
     ],
 )
 def test_bad_flags_give_a_usage_error_naming_the_flag(args, flag):

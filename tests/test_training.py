@@ -3,6 +3,7 @@
 import pytest
 
 from peers.checkpoint import Checkpointer
+from peers.inner import InnerConfig
 from peers.launch import read_metrics
 from peers.runner import Peer, PeerConfig
 from swarm import MatchmakingConfig, NodeConfig, SwarmConfig
@@ -39,7 +40,8 @@ async def test_loss_falls_on_the_embedded_default(tmp_path):
 
 @pytest.mark.timeout(240)
 async def test_restart_resumes_from_the_checkpoint(tmp_path):
-    first = Peer(peer_config(tmp_path, outer_steps=2))
+    schedule = InnerConfig(lr=2e-3, warmup_steps=30, decay_steps=100)
+    first = Peer(peer_config(tmp_path, outer_steps=2, inner=schedule))
     try:
         await first.start()
         await first.run()
@@ -47,7 +49,7 @@ async def test_restart_resumes_from_the_checkpoint(tmp_path):
         position = first.batches.position
     finally:
         await first.close()
-    second = Peer(peer_config(tmp_path, outer_steps=1))
+    second = Peer(peer_config(tmp_path, outer_steps=1, inner=schedule))
     try:
         await second.start()
         assert second.swarm.global_step == 2
@@ -55,6 +57,8 @@ async def test_restart_resumes_from_the_checkpoint(tmp_path):
         assert second.batches.position == position
         await second.run()
         assert second.swarm.global_step == 3
+        # The learning-rate schedule goes on from the run's position (outer step 2, inner steps 50..74).
+        assert second.inner.optimizer.param_groups[0]["lr"] == pytest.approx(schedule.lr_at(2 * 25 + 24))
     finally:
         await second.close()
     assert [r["outer_step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3]
@@ -70,3 +74,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     state, path = ckpt.load_latest()
     assert state["swarm"]["step"] == 1 and path.endswith("step-00000001.pt")
     assert "unreadable" in caplog.text
+
+
+def test_learning_rate_schedule_warms_up_then_decays_by_cosine():
+    config = InnerConfig(lr=1e-3, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
+    assert config.lr_at(0) == pytest.approx(1e-4)
+    assert config.lr_at(9) == pytest.approx(1e-3)
+    assert config.lr_at(60) == pytest.approx(0.55e-3)  # halfway through the decay
+    assert config.lr_at(110) == pytest.approx(1e-4) == config.lr_at(10_000)
+    rates = [config.lr_at(step) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert InnerConfig(lr=1e-3).lr_at(12345) == 1e-3
