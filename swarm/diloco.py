@@ -301,9 +301,11 @@ class Swarm:
         if self.residual is not None:
             contribution, residual = delta + self.residual, torch.empty_like(delta)
         excluded: set = set()
+        # Whom we expect at this round even if the DHT does not show them: our last group, then this round's group.
+        known = set(self._last_group[1]) if self._last_group is not None else set()
         attempt = 0
         while True:
-            group = await self.matchmaker.form_group(step, exclude=excluded)
+            group = await self.matchmaker.form_group(step, exclude=excluded, known=known)
             if group is None or group.size == 1:
                 timeout = self.config.matchmaking.timeout_seconds
                 why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
@@ -321,6 +323,7 @@ class Swarm:
                     status = StepStatus.ALLREDUCE_FAILED
                     return self._advance(status, group.size, started, error=error, attempts=attempt)
                 excluded |= e.suspects
+                known = set(group.peer_ids) - excluded
                 lost = ", ".join(str(p) for p in e.suspects) or "none identified"
                 logger.warning(
                     f"outer step {step}: all-reduce with {group.size} peers failed ({e}); lost members: {lost};"

@@ -12,10 +12,15 @@ Join protocol (one binary stream per join, frames from `swarm.wire`):
   follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d}
   leader -> follower: {"type": "accepted"} | {"type": "rejected", "reason": r} | {"type": "redirect", "leader": id}
   once accepted: {"type": "begin", "group_id": b, "peers": [ids]} | {"type": "redirect", ...} | {"type": "disband"}
-  leader -> peer it waits for: {"type": "ping"}; peer -> leader: {"type": "pong"}
+  leader -> peer it waits for: {"type": "ping"}
+  peer -> leader: {"type": "pong", "step": its outer step, "looking": step it looks for a group for (-1: none),
+                   "leading": whether it leads its own search}
 
-A leader waiting for a live peer that has not joined yet pings it: a peer that crashed leaves its heartbeat in the DHT
-for a few seconds, and the ping (which fails at once on a dead daemon) keeps the group from waiting for it.
+A leader pings the peers it waits for that have not joined yet. A peer that crashed leaves its heartbeat in the DHT for
+a few seconds; the ping fails at once on its dead daemon, and nobody waits for it. The DHT can also be stale or
+incomplete under churn, so a leader also waits for the members of the peer's previous group (`known`) until a ping
+says where they are: at another step (not waited for), or leading a search of their own with a smaller peer id
+(then we follow it). Either way two leaders never close two groups for one step without knowing of each other.
 """
 
 from __future__ import annotations
@@ -94,6 +99,11 @@ class _Looking:
     """Peers not to try as leader, until the given DHT time. Skipping a leader never means not waiting for it."""
     dead: set[PeerID] = field(default_factory=set)
     """Peers not to wait for: they did not answer a ping, or were lost in a failed round of this step."""
+    known: set[PeerID] = field(default_factory=set)
+    """Peers expected at this step whatever the DHT says (e.g. the last group), until a ping says otherwise."""
+    heard: dict[PeerID, dict] = field(default_factory=dict)
+    """The latest pong of each pinged peer."""
+    better_leader: PeerID | None = None
     probes: dict[PeerID, asyncio.Task] = field(default_factory=dict)
     closed: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -194,15 +204,17 @@ class Matchmaker:
         state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds)
         await self._declare(state, looking=False)
 
-    async def form_group(self, outer_step: int, exclude=()) -> Group | None:
+    async def form_group(self, outer_step: int, exclude=(), known=()) -> Group | None:
         """Find a group for `outer_step` within the configured timeout; None if this peer should average alone.
 
-        Peers in `exclude` (e.g. members lost in a failed round of this step) are not waited for.
+        Peers in `exclude` (e.g. members lost in a failed round of this step) are not waited for. Peers in `known`
+        (e.g. the members of our previous group) are waited for until they join or a ping says they are elsewhere.
         """
         if self._looking is not None:
             raise RuntimeError("form_group is already running on this peer")
         # Not waited for, but still followed if they lead: a peer we wrongly took for lost loses nothing.
         state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds, dead=set(exclude))
+        state.known = set(known) - state.dead - {self.peer_id}
         self._looking = state
         try:
             await self._declare(state, looking=True)
@@ -241,6 +253,9 @@ class Matchmaker:
                     group = self._maybe_close_group(state, decls, live, now)
                     if group is not None:
                         return group
+                    if state.better_leader is not None and state.excluded.get(state.better_leader, 0) <= now:
+                        target, state.better_leader = state.better_leader, None
+                        continue
                     state.changed.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(state.changed.wait(), self.config.poll_interval_seconds)
@@ -270,7 +285,12 @@ class Matchmaker:
         }
         # Leaders we skipped are still waited for: one that redirected us may lead a moment later, and closing
         # without it would split the step into two groups that never meet.
+        expected |= state.known
         expected -= done | state.dead
+        for peer in list(expected - members):
+            heard = state.heard.get(peer)
+            if heard is not None and state.outer_step not in (heard.get("step"), heard.get("looking")):
+                expected.discard(peer)  # it said it is at another step: not coming to this round
         if expected <= members:
             return self._close_group(state)
         for peer in expected - members:
@@ -281,11 +301,11 @@ class Matchmaker:
         return None
 
     def _probe_later(self, state: _Looking, peer: PeerID) -> None:
-        """Ping a peer we wait for (at most one ping in flight, one every heartbeat interval); exclude it if dead."""
+        """Ping a peer we wait for (one ping in flight, one per two polls); stop waiting for it if it is dead."""
         probe = state.probes.get(peer)
         if probe is not None and not probe.done():
             return
-        if probe is not None and probe.result() + self.config.heartbeat_interval_seconds > get_dht_time():
+        if probe is not None and probe.result() + 2 * self.config.poll_interval_seconds > get_dht_time():
             return
 
         async def ping() -> float:
@@ -295,7 +315,15 @@ class Matchmaker:
                     self.node.p2p.call_binary_stream_handler(peer, self._protocol), self.config.request_timeout_seconds
                 )
                 await write_frame(writer, {"type": "ping"})
-                await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
+                reply, _ = await asyncio.wait_for(
+                    read_frame(reader, max_payload=0), self.config.request_timeout_seconds
+                )
+                if reply.get("type") == "pong":
+                    state.heard[peer] = reply
+                    smaller = peer.to_bytes() < self.peer_id.to_bytes()
+                    if reply.get("looking") == state.outer_step and reply.get("leading") is True and smaller:
+                        state.better_leader = peer  # it leads a search of its own that the DHT did not show us
+                    state.changed.set()
             except Exception as e:
                 logger.info(f"not waiting for {peer} at step {state.outer_step}: it does not answer ({e!r})")
                 state.dead.add(peer)
@@ -387,7 +415,17 @@ class Matchmaker:
         try:
             request, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
             if request.get("type") == "ping":
-                await write_frame(writer, {"type": "pong"})
+                looking = self._looking
+                active = looking is not None and not looking.closed
+                await write_frame(
+                    writer,
+                    {
+                        "type": "pong",
+                        "step": self.outer_step,
+                        "looking": looking.outer_step if active else -1,
+                        "leading": active and looking.leader is None,
+                    },
+                )
                 return
             step = require(request, "step", int)
             schema = require(request, "schema", str)

@@ -2,6 +2,7 @@
 run goes through at least ten outer steps. The swarm must never stall for long, never hold NaN, keep every group's
 members identical, and still learn."""
 
+import os
 import random
 import statistics
 import time
@@ -23,7 +24,9 @@ def run_step(metrics) -> int:
 
 @pytest.mark.timeout(420)
 def test_random_kills_and_restarts_do_not_stall_diverge_or_poison_the_run(tmp_path):
-    rng = random.Random(20261126)
+    seed = int(os.environ.get("SWARM_CHAOS_SEED", "20261126"))  # another seed replays another chaos
+    print(f"chaos seed {seed}")
+    rng = random.Random(seed)
     boot = start_bootstrap(str(tmp_path))
     names = [f"p{i}" for i in range(PEERS)]
     metrics = {name: tmp_path / f"{name}.jsonl" for name in names}

@@ -160,3 +160,29 @@ async def test_peer_killed_in_its_inner_loop_is_not_waited_for():
             assert reports[0].params_sha256 == reports[1].params_sha256
             # Without the ping the leader would wait for the dead peer's heartbeat to expire (3 intervals, 6 s).
             assert loop.time() - started < 4
+
+
+@pytest.mark.timeout(120)
+async def test_leader_killed_during_matchmaking_is_replaced():
+    async with swarm_of(3) as (_, nodes):
+        nodes = sorted(nodes, key=lambda n: n.peer_id.to_bytes())  # node 0 has the smallest id: it leads
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config(timeout=20)) as swarms:
+            locals_ = [perturbed(theta, i) for i in range(3)]
+            leader = asyncio.create_task(swarms[0].outer_step(locals_[0], 100))
+            follower = asyncio.create_task(swarms[1].outer_step(locals_[1], 100))
+            # Peer 2 is still in its inner loop: the leader holds the group open for it, with peer 1 joined.
+            while not (swarms[0].matchmaker._looking and swarms[0].matchmaker._looking.followers):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling a test-only view of the leader's state
+            kill_daemon(nodes[0])
+            leader.cancel()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            reports = await asyncio.gather(follower, swarms[2].outer_step(locals_[2], 100))
+            assert [r.group_size for r in reports] == [2, 2]
+            assert reports[0].params_sha256 == reports[1].params_sha256
+            expected, _ = reference_outer_step(theta, locals_[1:], [100, 100])
+            assert_params_close(swarms[1].params, expected)
+            assert loop.time() - started < 8
+            with contextlib.suppress(BaseException):
+                await leader
