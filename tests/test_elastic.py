@@ -27,10 +27,12 @@ def own_address(log_path) -> str:
     return found.group(1) if found else ""
 
 
-def kill_hard(process) -> None:
-    """SIGKILL a program; its p2p daemon must not outlive it (swarm.reaper stops it)."""
+def kill_hard(process, started: bool = True) -> None:
+    """SIGKILL a program; its p2p daemon must not outlive it (swarm.reaper stops it).
+
+    `started`: the program is past its start, so it must have a daemon (a program still starting may have none)."""
     daemons = [pid for pid in children_of(process.pid) if "p2pd" in open(f"/proc/{pid}/cmdline").read()]
-    assert daemons
+    assert daemons or not started
     process.kill()
     process.wait()
     try:
