@@ -68,7 +68,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def measure(workdir: str, size: str, peers: int, inner_steps: int) -> dict:
     rundir = os.path.join(workdir, size)
-    os.makedirs(rundir)
+    os.makedirs(rundir, exist_ok=True)
     spec = model_spec(rundir, size)
     common = ["--run-id", f"join-{size}", "--model", spec, "--inner-steps", str(inner_steps), *FAST]
     boot = start_bootstrap(rundir)
@@ -113,14 +113,16 @@ def measure(workdir: str, size: str, peers: int, inner_steps: int) -> dict:
 @click.option("--sizes", default="embedded,5m,25m", help=f"Comma-separated, from {', '.join(SIZES)}.")
 @click.option("--peers", default=2, type=click.IntRange(min=1), help="Peers already training when the newcomer starts.")
 @click.option("--inner-steps", default=10, type=click.IntRange(min=1))
-def main(sizes: str, peers: int, inner_steps: int) -> None:
+@click.option("--workdir", default=None, help="Keep logs and metrics here (default: a temporary directory).")
+def main(sizes: str, peers: int, inner_steps: int, workdir: str | None) -> None:
     chosen = [s.strip() for s in sizes.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SIZES]
     if unknown:
         raise click.BadParameter(f"unknown sizes {unknown}; choose from {', '.join(SIZES)}", param_hint="--sizes")
     print(f"{peers} peers training, then a newcomer; times from the newcomer's process start")
     print(f"{'model':>9} {'params':>12} {'state MB':>9} {'up (s)':>8} {'first step (s)':>15} {'same θ':>7}")
-    with tempfile.TemporaryDirectory(prefix="swarm-join-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="swarm-join-") as scratch:
+        workdir = workdir or scratch
         for size in chosen:
             r = measure(workdir, size, peers, inner_steps)
             up = "-" if r["up"] is None else f"{r['up']:.1f}"

@@ -152,13 +152,18 @@ class Swarm:
     async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
         """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
         me = self.node.peer_id
-        live = await self.matchmaker.live_peers()
-        ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
-        donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
-        taken = await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
-        if taken is not None:
-            logger.info(f"caught up with the run: outer step {self.global_step} -> {taken.outer_step}")
-            self._adopt(taken)
+        taken = None
+        for _ in range(3):  # the run may move on during a transfer: a failed one is worth a second try
+            live = await self.matchmaker.live_peers()
+            ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
+            if not ahead:
+                break
+            donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
+            taken = await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
+            if taken is not None:
+                logger.info(f"caught up with the run: outer step {self.global_step} -> {taken.outer_step}")
+                self._adopt(taken)
+                break
         return taken is not None
 
     async def join_run(self, timeout_seconds: float = 60.0) -> bool:

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -63,10 +64,33 @@ def _chunk_payload(state: RunState, index: int, chunk: int) -> bytes:
 class StateServer:
     """Serves this peer's current state to peers of the same run that ask for it."""
 
+    KEEP_SECONDS = 30.0
+    """How long a state that was served stays available after the peer moved on (for transfers in flight)."""
+
     def __init__(self, node: SwarmNode, run_id: str, schema: str, snapshot: Callable[[], RunState]):
         self.node, self.schema, self._snapshot = node, schema, snapshot
         self.protocol = f"swarm/{run_id}/state/2"
         self._manifests: dict[tuple[int, int, int], dict] = {}
+        # Step -> (state, last time served). A transfer that takes longer than an outer step still completes:
+        # the state it started on stays here (at most one besides the current one) while it is being fetched.
+        self._served: dict[int, tuple[RunState, float]] = {}
+
+    def _state_for(self, step: int | None) -> RunState | None:
+        """The current state (step None or equal), or a recently served one of that step."""
+        now = time.monotonic()
+        current = self._snapshot()
+        self._served = {s: (state, used) for s, (state, used) in self._served.items() if now - used < self.KEEP_SECONDS}
+        if step is None or step == current.outer_step:
+            self._served = {s: v for s, v in self._served.items() if s != current.outer_step}
+            older = sorted(self._served)[-1:]  # at most one older state kept
+            self._served = {s: self._served[s] for s in older}
+            self._served[current.outer_step] = (current, now)
+            return current
+        if step in self._served:
+            state, _ = self._served[step]
+            self._served[step] = (state, now)
+            return state
+        return None
 
     async def start(self) -> None:
         await self.node.p2p.add_binary_stream_handler(self.protocol, self._handle)
@@ -99,13 +123,18 @@ class StateServer:
                 await write_frame(writer, {"type": "error", "reason": "incompatible schema or bad request"})
                 return
             # The snapshot is consistent: the outer step changes θ only between awaits, never during this copy.
-            state = self._snapshot()
             if request.get("type") == "manifest":
-                await write_frame(writer, self._manifest(state, chunk))
+                await write_frame(writer, self._manifest(self._state_for(None), chunk))
             elif request.get("type") == "chunk":
                 index = require(request, "index", int)
-                if request.get("step") != state.outer_step or not 0 <= index * chunk < max(state.params.numel(), 1):
-                    await write_frame(writer, {"type": "error", "reason": f"this peer is at step {state.outer_step}"})
+                step = request.get("step")
+                state = self._state_for(step) if isinstance(step, int) else None
+                if state is None:
+                    current = self._snapshot().outer_step
+                    await write_frame(writer, {"type": "error", "reason": f"this peer is at step {current}"})
+                    return
+                if not 0 <= index * chunk < max(state.params.numel(), 1):
+                    await write_frame(writer, {"type": "error", "reason": f"chunk {index} is out of range"})
                     return
                 header = {"type": "chunk", "step": state.outer_step, "index": index}
                 await write_frame(writer, header, _chunk_payload(state, index, chunk))

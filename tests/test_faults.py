@@ -9,7 +9,7 @@ import torch
 from swarm import StepStatus, Swarm
 from swarm.allreduce import AllReduceError
 from swarm.matchmaking import Group
-from swarm.state import StateServer
+from swarm.state import StateServer, download_state
 from swarm.wire import read_frame, write_frame
 from tests.conftest import swarm_of
 from tests.test_swarm import (
@@ -177,3 +177,27 @@ async def test_state_download_survives_a_donor_that_dies_and_one_that_lies(caplo
             assert donors[0].state_server.requests > 2  # manifest, one chunk, then it died mid-transfer
             assert "does not match its hash" in caplog.text
             assert "the other donors take over" in caplog.text
+
+
+@pytest.mark.timeout(120)
+async def test_state_transfer_completes_when_the_donor_moves_on_meanwhile():
+    async with swarm_of(2) as (_, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config()) as (donor, newcomer):
+            donor._apply(torch.full((sum(p.numel() for p in theta),), 0.01))
+            donor.global_step = 5
+            before = donor.params_sha256()
+            numel = sum(p.numel() for p in theta)
+
+            async def accept(step: int, digest: str) -> bool:
+                # The donor finishes another outer step after the newcomer chose what to fetch, before any chunk.
+                donor._apply(torch.full((numel,), 0.02))
+                donor.global_step += 1
+                return True
+
+            state = await download_state(
+                newcomer.node, newcomer.state_server.protocol, newcomer.schema, [donor.node.peer_id], numel, accept,
+                chunk=256,
+            )  # fmt: skip
+            assert state is not None and state.outer_step == 5 and state.sha256() == before
+            assert donor.global_step == 6 and donor.params_sha256() != before
