@@ -226,10 +226,14 @@ class Swarm:
             live = await self.matchmaker.live_peers()
             others = any(h.outer_step == step and h.schema == self.schema and h.peer_id != me for h in live)
         else:
-            declared = await self.matchmaker.declarations(step)
+            me = self.node.peer_id
+            declared, live = await asyncio.gather(self.matchmaker.declarations(step), self.matchmaker.live_peers())
             looking = [d for d in declared if d.looking and d.schema == self.schema and d.deadline > now]
-            # Too few to average without us: they wait for more peers anyway, so we train and join them instead.
-            others = len(looking) >= self.config.matchmaking.min_group_size
+            # Peers that already formed round s (or sat it out): it is under way without us.
+            formed = [d for d in declared if not d.looking and d.schema == self.schema and d.peer_id != me]
+            ahead = any(h.outer_step > step and h.schema == self.schema for h in live)
+            # Too few looking to average without us: they wait for more peers anyway, so we train and join them.
+            others = ahead or bool(formed) or len(looking) >= self.config.matchmaking.min_group_size
         if not others:
             return
         await self.matchmaker.sit_out(step)
