@@ -2,7 +2,9 @@
 
     python benchmarks/allreduce.py [--peers 4] [--numel 25000000] [--rounds 3]
 
-- swarm int8 (and none): this project's butterfly all-reduce over libp2p streams, group formed by its matchmaking;
+- swarm int8 (and none): this project's butterfly all-reduce, group formed by its matchmaking, bytes over direct TCP
+  connections between the members (swarm.direct); "int8-relayed" and "none-relayed" send them through the p2p
+  daemons' libp2p streams instead;
 - hivemind: the stock `DecentralizedAverager` with no compression (its own matchmaking and all-reduce);
 - gloo: `torch.distributed.all_reduce` in fp32, the data-parallel baseline.
 
@@ -81,7 +83,7 @@ def hivemind_worker(rank, peers, numel, rounds, maddrs, barrier, out):
     out.put((rank, times[1:], 0))
 
 
-def swarm_worker(rank, peers, numel, rounds, maddrs, codec_name, barrier, out):
+def swarm_worker(rank, peers, numel, rounds, maddrs, system, barrier, out):
     import torch
 
     from swarm.allreduce import Averager
@@ -93,10 +95,12 @@ def swarm_worker(rank, peers, numel, rounds, maddrs, codec_name, barrier, out):
 
     async def main():
         node = await SwarmNode.create(NodeConfig(initial_peers=maddrs))
-        run = f"bench-{codec_name}"
+        run = f"bench-{system}"
+        codec_name, _, plane = system.partition("-")
         matchmaker = Matchmaker(node, run, "bench", MatchmakingConfig(min_group_size=peers, timeout_seconds=60))
-        averager = Averager(node, run, make_codec(codec_name), timeout_seconds=600)
+        averager = Averager(node, run, make_codec(codec_name), timeout_seconds=600, direct=plane != "relayed")
         await averager.start()
+        matchmaker.direct_endpoints = averager.direct_endpoints
         await matchmaker.start()
         x = _tensor(numel, rank)
         times, sent = [], []
@@ -156,7 +160,11 @@ def capped(rate: str) -> None:
 @click.option("--numel", type=click.IntRange(min=1), default=25_000_000)
 @click.option("--rounds", type=click.IntRange(min=1), default=3)
 @click.option("--bandwidth", default=None, help="Cap loopback to this rate (tc syntax, e.g. 200mbit); needs root.")
-@click.option("--systems", default="gloo,int8,none,hivemind", help="Which systems to run, comma-separated.")
+@click.option(
+    "--systems",
+    default="gloo,int8,none,int8-relayed,hivemind",
+    help="Comma-separated, from gloo, int8, none, int8-relayed, none-relayed, hivemind.",
+)
 @click.option("--shaped", is_flag=True, hidden=True)
 def main(peers: int, numel: int, rounds: int, bandwidth: str | None, systems: str, shaped: bool) -> None:
     if bandwidth and not shaped:
@@ -166,10 +174,9 @@ def main(peers: int, numel: int, rounds: int, bandwidth: str | None, systems: st
     results["gloo fp32"] = run_workers(gloo_worker, peers, (numel, rounds, _free_port()))
     dht, maddrs = bootstrap_maddrs()
     try:
-        if "int8" in chosen:
-            results["swarm int8"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "int8"))
-        if "none" in chosen:
-            results["swarm none"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, "none"))
+        for system in ("int8", "none", "int8-relayed", "none-relayed"):
+            if system in chosen:
+                results[f"swarm {system}"] = run_workers(swarm_worker, peers, (numel, rounds, maddrs, system))
         if "hivemind" in chosen:
             results["hivemind none"] = run_workers(hivemind_worker, peers, (numel, rounds, maddrs))
     finally:
@@ -177,10 +184,10 @@ def main(peers: int, numel: int, rounds: int, bandwidth: str | None, systems: st
     gloo = results["gloo fp32"][0]
     where = f"loopback capped at {bandwidth} (tbf)" if bandwidth else "127.0.0.1"
     print(f"{peers} processes, {numel:,} float32 ({4 * numel / 1e6:.0f} MB) each, median of {rounds} rounds, {where}")
-    print(f"{'system':<14} {'wall s':>8} {'x gloo':>7} {'MB sent/peer':>13}")
+    print(f"{'system':<19} {'wall s':>8} {'x gloo':>7} {'MB sent/peer':>13}")
     for name, (wall, sent) in results.items():
         sent_text = f"{sent / 1e6:13.1f}" if sent else f"{'-':>13}"
-        print(f"{name:<14} {wall:8.2f} {wall / gloo:7.2f} {sent_text}", flush=True)
+        print(f"{name:<19} {wall:8.2f} {wall / gloo:7.2f} {sent_text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ def _check_maddrs(flag: str, values) -> list[str]:
     help="Seconds one all-reduce may take once the group is formed.",
 )
 @click.option(
+    "--direct/--no-direct",
+    default=True,
+    help="Send all-reduce bytes over direct TCP connections between group members when reachable (else through "
+    "the p2p daemons).",
+)
+@click.option(
     "--allreduce-retries",
     type=click.IntRange(min=0),
     default=1,
@@ -210,6 +216,7 @@ def build_config(flags: dict):
         ),
         allreduce_timeout_seconds=flags["allreduce_timeout"],
         allreduce_retries=flags["allreduce_retries"],
+        direct_data_plane=flags["direct"],
         error_feedback=flags["error_feedback"],
     )
     return PeerConfig(

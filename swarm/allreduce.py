@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import time
@@ -33,8 +34,9 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
-from swarm import records
+from swarm import direct, records
 from swarm.codec import Codec, CodecError
+from swarm.direct import HELLO_TIMEOUT, DirectServer
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
@@ -91,6 +93,14 @@ async def _maybe_in_thread(fn, *args):
     return fn(*args)
 
 
+def _all_finite(values: torch.Tensor) -> bool:
+    """One pass, no temporary: min and max are both finite iff every value is (NaN propagates into both)."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 # Stream failures that mean "this member is gone" rather than "this member said no".
 _LOST = (ConnectionError, OSError, EOFError, asyncio.IncompleteReadError, P2PDaemonError, P2PHandlerError)
 
@@ -139,19 +149,34 @@ class _Round:
 class Averager:
     """Serves the reduce side of all-reduces for one run on one node, and runs all-reduces for its owner."""
 
-    def __init__(self, node: SwarmNode, run_id: str, codec: Codec, timeout_seconds: float = 60.0):
+    def __init__(self, node: SwarmNode, run_id: str, codec: Codec, timeout_seconds: float = 60.0, direct: bool = True):
         self.node, self.run_id, self.codec = node, records.validate_run_id(run_id), codec
         self.timeout_seconds = timeout_seconds
         self._protocol = f"swarm/{run_id}/reduce/1"
         self._rounds: dict[bytes, _Round] = {}
+        self._direct = DirectServer(self._handle_direct) if direct else None
+        self.streams = {"direct": 0, "relayed": 0}
+        """Contributions this member sent over each data plane (direct TCP, or the p2p daemons' relayed streams)."""
+
+    @property
+    def direct_endpoints(self) -> list[tuple[str, int]]:
+        """Where group members can reach this averager directly; to be announced in matchmaking."""
+        return [] if self._direct is None else self._direct.endpoints
 
     async def start(self) -> None:
         await self.node.p2p.add_binary_stream_handler(self._protocol, self._handle)
+        if self._direct is not None:
+            try:
+                await self._direct.start(self.node.config.host_maddrs, await self.node.visible_maddrs())
+            except OSError as e:  # the relayed streams still work
+                logger.warning(f"no direct data plane ({e}); all-reduces go through the p2p daemon")
 
     async def close(self) -> None:
         for rnd in self._rounds.values():
             rnd.forget()
         self._rounds.clear()
+        if self._direct is not None:
+            await self._direct.close()
         with contextlib.suppress(Exception):
             await self.node.p2p.remove_binary_stream_handler(self._protocol)
 
@@ -303,7 +328,7 @@ class Averager:
                         continue
                     numel = rnd.bounds[i][1] - rnd.bounds[i][0]
                     values = await _maybe_in_thread(self.codec.decode, payload, numel)
-                    if not torch.isfinite(values).all():
+                    if not _all_finite(values):
                         raise ProtocolError(f"member {index} sent a non-finite averaged part {i}")
                     rnd.payloads[i], rnd.values[i] = payload, values
             finally:
@@ -347,7 +372,7 @@ class Averager:
             torch.sub(part, sent, out=residual)
         writer = None
         try:
-            _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
+            reader, writer = await self._open(group, index)
             header = {
                 "type": "part",
                 "group_id": group.group_id,
@@ -374,7 +399,7 @@ class Averager:
                 values = await _maybe_in_thread(self.codec.decode, averaged, part.numel())
             except CodecError as e:
                 raise _MemberLost(index, f"{peer} sent an averaged part we cannot decode: {e}") from e
-            if not torch.isfinite(values).all():
+            if not _all_finite(values):
                 raise _MemberLost(index, f"{peer} sent back a non-finite average")
             rnd.payloads[index], rnd.values[index] = averaged, values
             # Acknowledge: the reducer may shut down once every member has its part, and not before. We hold the
@@ -383,6 +408,23 @@ class Averager:
                 await write_frame(writer, {"type": "ack"}, counter=rnd.counter)
         finally:
             close_writer(writer)
+
+    async def _open(self, group: Group, index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream to member `index`: direct if it announced endpoints we can reach, else relayed by the daemons."""
+        peer = group.peer_ids[index]
+        endpoints = group.direct.get(peer)
+        if group.secret and endpoints and self._direct is not None:
+            try:
+                opened = await direct.connect(
+                    endpoints, group.group_id, group.my_index, index, group.secret, min(5.0, self.timeout_seconds)
+                )
+                self.streams["direct"] += 1
+                return opened
+            except (ConnectionError, OSError) as e:
+                logger.debug(f"direct connection to {peer} failed ({e}); using the relayed stream")
+        _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
+        self.streams["relayed"] += 1
+        return reader, writer
 
     async def _reduce(self, rnd: _Round) -> None:
         try:
@@ -403,8 +445,24 @@ class Averager:
 
     # ---- serving other members: contributions to our part, and averaged parts they missed ------------------------
 
+    async def _handle_direct(self, group_id: bytes, sender: int, mac: bytes, reader, writer) -> None:
+        """A direct connection that introduced itself as member `sender` of group `group_id`: check, then serve."""
+        rnd = self._rounds.get(group_id)
+        if rnd is None:
+            # Its sender may have left matchmaking a moment before us; an unknown group is not kept for long.
+            rnd = self._round(group_id)
+        await asyncio.wait_for(rnd.configured.wait(), min(HELLO_TIMEOUT, self.timeout_seconds))
+        group = rnd.group
+        if not group.secret or not 0 <= sender < group.size or sender == group.my_index:
+            raise ProtocolError(f"no direct data plane in group {group_id.hex()} for member {sender}")
+        if not hmac.compare_digest(mac, direct.group_mac(group.secret, group_id, sender, group.my_index)):
+            raise ProtocolError(f"direct connection for group {group_id.hex()} failed authentication")
+        await self._serve(group.peer_ids[sender], reader, writer)
+
     async def _handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = stream_info.peer_id
+        await self._serve(stream_info.peer_id, reader, writer)
+
+    async def _serve(self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         incoming = ByteCounter()
         try:
             header, payload = await asyncio.wait_for(read_frame(reader, incoming), self.timeout_seconds)
@@ -462,7 +520,7 @@ class Averager:
                 raise ProtocolError(f"part has {numel} values, expected {rnd.part_numel}")
             rnd.counter.received += nbytes
             values = await _maybe_in_thread(self.codec.decode, payload, numel)
-            if not torch.isfinite(values).all():
+            if not _all_finite(values):
                 raise ProtocolError("contribution holds NaN or inf")
             rnd.add(sender, weight, values)
             averaged = await asyncio.wait_for(asyncio.shield(rnd.result), self.timeout_seconds)

@@ -62,7 +62,9 @@ class NoCompression(Codec):
     def decode(self, payload, numel: int) -> torch.Tensor:
         if len(payload) != 4 * numel:
             raise CodecError(f"fp32 payload has {len(payload)} bytes, expected {4 * numel}")
-        return torch.from_numpy(np.frombuffer(payload, dtype="<f4").copy())
+        values = np.frombuffer(payload, dtype="<f4")
+        # A writable buffer (a bytearray read straight off a socket) becomes the tensor as it is: no 2nd copy.
+        return torch.from_numpy(values if values.flags.writeable else values.copy())
 
     def encoded_size(self, numel: int) -> int:
         return 4 * numel

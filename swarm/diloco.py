@@ -60,6 +60,9 @@ class SwarmConfig:
     """Values per request when a peer downloads the run's state from several donors at once."""
     error_feedback: bool = False
     """Carry what the codec lost of this peer's pseudo-gradient into its next contribution."""
+    direct_data_plane: bool = True
+    """Move all-reduce bytes over direct TCP connections between group members when they can reach each other
+    (see swarm.direct); off, or unreachable, they go through the p2p daemons' relayed streams."""
 
     def validate(self) -> None:
         records.validate_run_id(self.run_id)
@@ -117,7 +120,9 @@ class Swarm:
         self.schema = records.schema_hash(config.run_id, [p.shape for p in self.params], self.codec.tag)
         about = records.describe_schema([p.shape for p in self.params], self.codec.tag)
         self.matchmaker = Matchmaker(node, config.run_id, self.schema, config.matchmaking, about)
-        self.averager = Averager(node, config.run_id, self.codec, config.allreduce_timeout_seconds)
+        self.averager = Averager(
+            node, config.run_id, self.codec, config.allreduce_timeout_seconds, direct=config.direct_data_plane
+        )
         self.global_step = outer_step
         numel = sum(p.numel() for p in self.params)
         self.residual = torch.zeros(numel) if config.error_feedback else None
@@ -133,6 +138,7 @@ class Swarm:
         self = cls(node, params, config, outer_step)
         self.matchmaker.set_outer_step(outer_step)
         await self.averager.start()
+        self.matchmaker.direct_endpoints = self.averager.direct_endpoints
         await self.state_server.start()
         await self.matchmaker.start()
         return self

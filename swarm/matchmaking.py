@@ -9,9 +9,11 @@ there, so groups converge on the smallest peer id; a leader that refuses, dies, 
 next one is tried. A peer that finds no group before its deadline gets None and averages alone.
 
 Join protocol (one binary stream per join, frames from `swarm.wire`):
-  follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d}
+  follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d, "direct": [[ip, port], ...]}
   leader -> follower: {"type": "accepted"} | {"type": "rejected", "reason": r} | {"type": "redirect", "leader": id}
-  once accepted: {"type": "begin", "group_id": b, "peers": [ids]} | {"type": "redirect", ...} | {"type": "disband"}
+  once accepted: {"type": "begin", "group_id": b, "peers": [ids], "secret": 32 bytes, "direct": {id: endpoints}}
+                 | {"type": "redirect", ...} | {"type": "disband"}
+  ("direct" and "secret" set up the group's direct data plane: see swarm.direct)
   leader -> peer it waits for: {"type": "ping"}
   peer -> leader: {"type": "pong", "step": its outer step, "looking": step it looks for a group for (-1: none),
                    "leading": whether it leads its own search}
@@ -36,6 +38,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm import records
+from swarm.direct import parse_endpoints
 from swarm.node import SwarmNode
 from swarm.wire import ProtocolError, close_writer, read_frame, require, write_frame
 
@@ -75,6 +78,10 @@ class Group:
     peer_ids: tuple[PeerID, ...]
     """Members in the order every member uses: part i of the vector is reduced by peer_ids[i]."""
     my_index: int
+    secret: bytes = field(default=b"", repr=False, compare=False)
+    """Random per group, known only to its members: authenticates direct connections (swarm.direct)."""
+    direct: dict = field(default_factory=dict, repr=False, compare=False)
+    """Peer id -> direct endpoints [(ip, port)] it announced; peers without any are reached through p2p only."""
 
     @property
     def size(self) -> int:
@@ -84,6 +91,7 @@ class Group:
 @dataclass
 class _Follower:
     deadline: float
+    direct: list = field(default_factory=list)
     outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -123,6 +131,8 @@ class Matchmaker:
         self._heartbeat_task: asyncio.Task | None = None
         self._heartbeat_now = asyncio.Event()
         self._closing = False
+        self.direct_endpoints: list[tuple[str, int]] = []
+        """This peer's direct data-plane endpoints, announced when it joins a group (set by its averager)."""
 
     @property
     def peer_id(self) -> PeerID:
@@ -341,11 +351,21 @@ class Matchmaker:
         # Random bytes make every group distinct, even the same members meeting again after a failed round.
         seed = [self.run_id.encode(), str(state.outer_step).encode(), os.urandom(16), *(p.to_bytes() for p in peers)]
         group_id = hashlib.sha256(b"".join(seed)).digest()[:16]
-        message = {"type": "begin", "group_id": group_id, "peers": [p.to_base58() for p in peers]}
+        direct = {peer: follower.direct for peer, follower in state.followers.items() if follower.direct}
+        if self.direct_endpoints:
+            direct[self.peer_id] = self.direct_endpoints
+        secret = os.urandom(32)
+        message = {
+            "type": "begin",
+            "group_id": group_id,
+            "peers": [p.to_base58() for p in peers],
+            "secret": secret,
+            "direct": {p.to_base58(): [list(e) for e in endpoints] for p, endpoints in direct.items()},
+        }
         state.closed = True
         self._release_followers(state, message)
         logger.debug(f"{self.peer_id} leads group {group_id.hex()} of {len(peers)} for step {state.outer_step}")
-        return Group(group_id, state.outer_step, tuple(peers), peers.index(self.peer_id))
+        return Group(group_id, state.outer_step, tuple(peers), peers.index(self.peer_id), secret, direct)
 
     def _release_followers(self, state: _Looking, message: dict) -> None:
         for follower in state.followers.values():
@@ -369,6 +389,7 @@ class Matchmaker:
                 state.excluded[leader] = float("inf")
                 return None, None
             request = {"type": "join", "step": state.outer_step, "schema": self.schema, "deadline": state.deadline}
+            request["direct"] = [list(e) for e in self.direct_endpoints]
             await write_frame(writer, request)
             reply, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
             if reply.get("type") == "accepted":
@@ -406,7 +427,16 @@ class Matchmaker:
         peers = tuple(PeerID.from_base58(p) for p in require(reply, "peers", list))
         if self.peer_id not in peers or leader not in peers or len(set(peers)) != len(peers):
             raise ProtocolError(f"leader {leader} sent a group that does not hold both of us")
-        return Group(group_id, state.outer_step, peers, peers.index(self.peer_id))
+        secret = reply.get("secret", b"")
+        direct = {}
+        if isinstance(secret, bytes) and len(secret) == 32 and isinstance(reply.get("direct"), dict):
+            for peer, endpoints in reply["direct"].items():
+                peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else None
+                if peer_id in peers:
+                    direct[peer_id] = parse_endpoints(endpoints)
+        else:
+            secret = b""  # an older leader or a malformed offer: the relayed streams work without it
+        return Group(group_id, state.outer_step, peers, peers.index(self.peer_id), secret, direct)
 
     # ---- serving join requests ------------------------------------------------------------------------------------
 
@@ -449,7 +479,7 @@ class Matchmaker:
             if reason is not None:
                 await write_frame(writer, {"type": "rejected", "reason": reason})
                 return
-            follower = _Follower(deadline=deadline)
+            follower = _Follower(deadline=deadline, direct=parse_endpoints(request.get("direct", [])))
             state.followers[peer] = follower
             await write_frame(writer, {"type": "accepted"})
             state.changed.set()

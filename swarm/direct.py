@@ -1,0 +1,212 @@
+"""A direct TCP data plane between the members of a group, beside the p2p daemon's relayed streams.
+
+Every byte of a libp2p stream crosses two p2p daemons (ours and theirs) and two unix sockets; for the bulk of an
+all-reduce that relay costs more CPU than the averaging itself. So each averager also listens on a plain TCP port,
+announces its endpoints in its join request, and the leader hands the whole group everyone's endpoints together with
+a fresh random secret in the "begin" message. That message travels over libp2p streams, which are encrypted and
+authenticated with the peers' identities, so only the group's members learn the secret.
+
+A member opens a TCP connection to a reducer and first sends
+  {"type": "hello", "group_id": g, "sender": i, "mac": HMAC-SHA256(secret, g | i | j)}
+then speaks exactly the protocol it would speak on a libp2p stream. The reducer accepts the connection only for a
+group it is in, from a member index of that group, with the right MAC; anything else is closed. If no endpoint can
+be reached (NAT, firewall), the member falls back to the relayed libp2p stream.
+
+The MAC proves membership of the group, not which member: a member could open a connection in another member's name.
+It gains nothing it could not do with its own contribution, and a duplicate part fails the round for everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from swarm.wire import ProtocolError, close_writer, read_frame, require, write_frame
+
+logger = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0
+
+
+def group_mac(secret: bytes, group_id: bytes, sender: int, receiver: int) -> bytes:
+    message = group_id + sender.to_bytes(4, "big") + receiver.to_bytes(4, "big")
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def _ip_of(maddr: str) -> str | None:
+    parts = str(maddr).split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return None
+
+
+class SocketStream:
+    """Reader and writer of one TCP connection, reading every frame straight into a buffer of its final size.
+
+    asyncio's StreamReader grows a bytearray chunk by chunk and copies it out again: for 25 MB parts that costs more
+    CPU than the network. This has the interface `swarm.wire` needs (readexactly, write, drain, close).
+    """
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._pending: list = []
+
+    async def readexactly(self, n: int) -> bytearray:
+        buffer = bytearray(n)
+        view = memoryview(buffer)
+        got = 0
+        while got < n:
+            k = await self._loop.sock_recv_into(self.sock, view[got:])
+            if k == 0:
+                raise asyncio.IncompleteReadError(bytes(buffer[:got]), n)
+            got += k
+        return buffer
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._loop.sock_recv(self.sock, 1 << 16 if n < 0 else n)
+
+    def write(self, data) -> None:
+        self._pending.append(data)
+
+    async def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        for data in pending:
+            await self._loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+Handler = Callable[[bytes, int, bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class DirectServer:
+    """Listens for direct connections and hands each authenticated-looking hello to `handler`."""
+
+    def __init__(self, handler: Handler):
+        self._handler = handler
+        self._sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.endpoints: list[tuple[str, int]] = []
+
+    async def start(self, host_maddrs: list[str], visible_maddrs: list[str]) -> None:
+        """Listen on the IPs the node listens on; announce the ones others can reach (see `visible_maddrs`)."""
+        hosts = {ip for ip in map(_ip_of, host_maddrs) if ip is not None}
+        if not hosts:
+            return
+        port = 0
+        for host in sorted(hosts):
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+            sock.setblocking(False)
+            port = sock.getsockname()[1]  # the same port on every IP keeps announcements simple
+            self._sockets.append(sock)
+            self._spawn(self._serve_forever(sock))
+        announced = []
+        for host in sorted(hosts):
+            if ipaddress.ip_address(host).is_unspecified:
+                announced += [
+                    ip for ip in map(_ip_of, visible_maddrs) if ip and not ipaddress.ip_address(ip).is_unspecified
+                ]
+            else:
+                announced.append(host)
+        self.endpoints = [(ip, port) for ip in dict.fromkeys(announced)]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_forever(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as e:  # e.g. out of file descriptors: keep serving once it passes
+                logger.debug(f"direct accept failed: {e!r}")
+                await asyncio.sleep(0.1)
+                continue
+            stream = SocketStream(conn)
+            self._spawn(self._accept(stream, stream))
+
+    async def _accept(self, reader: SocketStream, writer: SocketStream) -> None:
+        try:
+            hello, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), HELLO_TIMEOUT)
+            if hello.get("type") != "hello":
+                raise ProtocolError(f"expected hello, got {hello.get('type')!r}")
+            group_id = require(hello, "group_id", bytes)
+            sender = require(hello, "sender", int)
+            mac = require(hello, "mac", bytes)
+            await self._handler(group_id, sender, mac, reader, writer)
+        except Exception as e:  # a stranger, a port scanner, a member that vanished: nothing to keep
+            logger.debug(f"direct connection refused or failed: {e!r}")
+        finally:
+            close_writer(writer)
+
+
+async def connect(
+    endpoints, group_id: bytes, sender: int, receiver: int, secret: bytes, timeout: float
+) -> tuple[SocketStream, SocketStream]:
+    """Open a direct connection to the first reachable endpoint and introduce ourselves. Raises ConnectionError."""
+    errors = []
+    loop = asyncio.get_running_loop()
+    for host, port in endpoints:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            sock.close()
+            errors.append(f"{host}:{port}: {e!r}")
+            continue
+        reader = writer = SocketStream(sock)
+        hello = {
+            "type": "hello",
+            "group_id": group_id,
+            "sender": sender,
+            "mac": group_mac(secret, group_id, sender, receiver),
+        }
+        await write_frame(writer, hello)
+        return reader, writer
+    raise ConnectionError(f"no direct endpoint reachable ({'; '.join(errors) or 'none announced'})")
+
+
+def parse_endpoints(value) -> list[tuple[str, int]]:
+    """Endpoints from a peer's message, checked: a list of [ip, port] with a valid IP and port."""
+    if not isinstance(value, list) or len(value) > 16:
+        raise ProtocolError("direct endpoints must be a short list")
+    endpoints = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int)):
+            raise ProtocolError("a direct endpoint must be [ip, port]")
+        try:
+            ipaddress.ip_address(item[0])
+        except ValueError:
+            raise ProtocolError(f"bad IP address {item[0]!r}") from None
+        if not 0 < item[1] < 65536:
+            raise ProtocolError(f"bad port {item[1]}")
+        endpoints.append((item[0], item[1]))
+    return endpoints

@@ -1,0 +1,78 @@
+"""The direct TCP data plane: used when members can reach each other, refused without the group's secret, and
+replaced by the relayed libp2p streams when a member cannot be reached directly."""
+
+import asyncio
+import socket
+
+import pytest
+import torch
+
+from swarm.direct import group_mac
+from swarm.matchmaking import Group
+from swarm.wire import write_frame
+from tests.conftest import swarm_of
+from tests.test_swarm import assert_params_close, config, make_params, perturbed, reference_outer_step, running_swarms
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_step(swarms, theta):
+    locals_ = [perturbed(theta, i) for i in range(len(swarms))]
+    tokens = [100 + 10 * i for i in range(len(swarms))]
+    reports = await asyncio.gather(*[s.outer_step(loc, t) for s, loc, t in zip(swarms, locals_, tokens)])
+    assert [r.group_size for r in reports] == [len(swarms)] * len(swarms)
+    expected, _ = reference_outer_step(theta, locals_, tokens)
+    for s in swarms:
+        assert_params_close(s.params, expected)
+    assert len({r.params_sha256 for r in reports}) == 1
+
+
+@pytest.mark.timeout(120)
+async def test_members_that_reach_each_other_average_over_direct_connections():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
+            assert all(s.averager.direct_endpoints for s in swarms)
+            await one_step(swarms, theta)
+            for s in swarms:
+                assert s.averager.streams == {"direct": 2, "relayed": 0}
+
+
+@pytest.mark.timeout(120)
+async def test_a_member_without_a_reachable_endpoint_is_reached_through_the_daemons():
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
+            # Peer 2 announces an endpoint nobody listens on (as behind a NAT): the others fall back for it.
+            swarms[2].matchmaker.direct_endpoints = [("127.0.0.1", closed_port())]
+            await one_step(swarms, theta)
+            assert swarms[0].averager.streams == {"direct": 1, "relayed": 1}
+            assert swarms[2].averager.streams == {"direct": 2, "relayed": 0}
+
+
+@pytest.mark.timeout(60)
+async def test_direct_connection_without_the_groups_secret_is_refused():
+    async with swarm_of(2) as (_, nodes):
+        async with running_swarms(nodes, make_params(), lambda i: config()) as swarms:
+            averager = swarms[0].averager
+            group = Group(b"g" * 16, 0, (nodes[0].peer_id, nodes[1].peer_id), 0, secret=b"s" * 32)
+            rnd = averager._round(group.group_id)
+            rnd.group, rnd.part_numel = group, 4
+            rnd.configured.set()
+            for mac in (b"x" * 32, group_mac(b"t" * 32, group.group_id, 1, 0)):
+                reader, writer = await asyncio.open_connection(*averager.direct_endpoints[0])
+                await write_frame(writer, {"type": "hello", "group_id": group.group_id, "sender": 1, "mac": mac})
+                header = {"type": "part", "group_id": group.group_id, "sender": 1, "weight": 1.0, "numel": 4,
+                          "codec": averager.codec.tag}  # fmt: skip
+                await write_frame(writer, header, averager.codec.encode(torch.ones(4)))
+                try:
+                    answer = await asyncio.wait_for(reader.read(), 10)
+                except ConnectionResetError:  # closed with our part unread: a reset instead of an orderly close
+                    answer = b""
+                assert answer == b""  # closed, not a word
+                writer.close()
+                assert 1 not in rnd.contributions
