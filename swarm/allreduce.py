@@ -156,6 +156,7 @@ class Averager:
         self._rounds: dict[bytes, _Round] = {}
         self._direct = DirectServer(self._handle_direct) if direct else None
         self.streams = {"direct": 0, "relayed": 0}
+        self._unreachable: set[PeerID] = set()
         """Contributions this member sent over each data plane (direct TCP, or the p2p daemons' relayed streams)."""
 
     @property
@@ -225,13 +226,13 @@ class Averager:
         rnd = self._round(group.group_id)
         lo, hi = bounds[group.my_index]
         rnd.group, rnd.part_numel, rnd.bounds = group, hi - lo, bounds
+        rnd.configured.set()  # others may send us their parts (and open direct connections) from now on
         try:
             # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
             own = await _maybe_in_thread(self._roundtrip, flat[lo:hi])
             if residual is not None:
                 torch.sub(flat[lo:hi], own, out=residual[lo:hi])
             rnd.add(group.my_index, float(weight), own)
-            rnd.configured.set()
             rnd.reducer = asyncio.create_task(self._reduce(rnd))
             tasks = {asyncio.create_task(self._own_result(rnd)): group.my_index}
             for i, (a, b) in enumerate(bounds):
@@ -413,7 +414,7 @@ class Averager:
         """A stream to member `index`: direct if it announced endpoints we can reach, else relayed by the daemons."""
         peer = group.peer_ids[index]
         endpoints = group.direct.get(peer)
-        if group.secret and endpoints and self._direct is not None:
+        if group.secret and endpoints and self._direct is not None and peer not in self._unreachable:
             try:
                 opened = await direct.connect(
                     endpoints, group.group_id, group.my_index, index, group.secret, min(5.0, self.timeout_seconds)
@@ -421,7 +422,8 @@ class Averager:
                 self.streams["direct"] += 1
                 return opened
             except (ConnectionError, OSError) as e:
-                logger.debug(f"direct connection to {peer} failed ({e}); using the relayed stream")
+                self._unreachable.add(peer)  # behind a NAT or a firewall: no use trying every round
+                logger.info(f"cannot reach {peer} directly ({e}); its all-reduce bytes go through the p2p daemons")
         _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
         self.streams["relayed"] += 1
         return reader, writer
@@ -457,6 +459,7 @@ class Averager:
             raise ProtocolError(f"no direct data plane in group {group_id.hex()} for member {sender}")
         if not hmac.compare_digest(mac, direct.group_mac(group.secret, group_id, sender, group.my_index)):
             raise ProtocolError(f"direct connection for group {group_id.hex()} failed authentication")
+        await write_frame(writer, {"type": "welcome"})
         await self._serve(group.peer_ids[sender], reader, writer)
 
     async def _handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

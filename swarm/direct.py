@@ -8,9 +8,11 @@ authenticated with the peers' identities, so only the group's members learn the 
 
 A member opens a TCP connection to a reducer and first sends
   {"type": "hello", "group_id": g, "sender": i, "mac": HMAC-SHA256(secret, g | i | j)}
-then speaks exactly the protocol it would speak on a libp2p stream. The reducer accepts the connection only for a
-group it is in, from a member index of that group, with the right MAC; anything else is closed. If no endpoint can
-be reached (NAT, firewall), the member falls back to the relayed libp2p stream.
+and waits for {"type": "welcome"}, then speaks exactly the protocol it would speak on a libp2p stream. The reducer
+welcomes the connection only for a group it is in, from a member index of that group, with the right MAC; anything
+else is closed. The welcome matters: an announced address may lead to another machine (a private or loopback address
+seen from elsewhere), and then nothing is sent there. If no endpoint welcomes us (NAT, firewall), the member falls
+back to the relayed libp2p stream, and does not try that peer directly again.
 
 The MAC proves membership of the group, not which member: a member could open a connection in another member's name.
 It gains nothing it could not do with its own contribution, and a duplicate part fails the round for everyone.
@@ -32,6 +34,7 @@ from swarm.wire import ProtocolError, close_writer, read_frame, require, write_f
 logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+WELCOME_TIMEOUT = 2.0
 
 
 def group_mac(secret: bytes, group_id: bytes, sender: int, receiver: int) -> bytes:
@@ -172,7 +175,8 @@ async def connect(
     """Open a direct connection to the first reachable endpoint and introduce ourselves. Raises ConnectionError."""
     errors = []
     loop = asyncio.get_running_loop()
-    for host, port in endpoints:
+    # Loopback last: from another machine it leads to the wrong host (harmless, thanks to the welcome, but slower).
+    for host, port in sorted(endpoints, key=lambda e: ipaddress.ip_address(e[0]).is_loopback):
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -182,15 +186,18 @@ async def connect(
             sock.close()
             errors.append(f"{host}:{port}: {e!r}")
             continue
-        reader = writer = SocketStream(sock)
-        hello = {
-            "type": "hello",
-            "group_id": group_id,
-            "sender": sender,
-            "mac": group_mac(secret, group_id, sender, receiver),
-        }
-        await write_frame(writer, hello)
-        return reader, writer
+        stream = SocketStream(sock)
+        mac = group_mac(secret, group_id, sender, receiver)
+        try:
+            await write_frame(stream, {"type": "hello", "group_id": group_id, "sender": sender, "mac": mac})
+            answer, _ = await asyncio.wait_for(read_frame(stream, max_payload=0), WELCOME_TIMEOUT)
+            if answer.get("type") != "welcome":
+                raise ProtocolError(f"not welcomed: {answer.get('type')!r}")
+        except (OSError, EOFError, ProtocolError, asyncio.TimeoutError) as e:
+            stream.close()
+            errors.append(f"{host}:{port}: {e!r}")
+            continue
+        return stream, stream
     raise ConnectionError(f"no direct endpoint reachable ({'; '.join(errors) or 'none announced'})")
 
 

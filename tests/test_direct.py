@@ -43,15 +43,28 @@ async def test_members_that_reach_each_other_average_over_direct_connections():
 
 
 @pytest.mark.timeout(120)
-async def test_a_member_without_a_reachable_endpoint_is_reached_through_the_daemons():
-    async with swarm_of(3) as (_, nodes):
-        theta = make_params()
-        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
-            # Peer 2 announces an endpoint nobody listens on (as behind a NAT): the others fall back for it.
-            swarms[2].matchmaker.direct_endpoints = [("127.0.0.1", closed_port())]
-            await one_step(swarms, theta)
-            assert swarms[0].averager.streams == {"direct": 1, "relayed": 1}
-            assert swarms[2].averager.streams == {"direct": 2, "relayed": 0}
+@pytest.mark.parametrize("endpoint", ["closed", "someone else"])
+async def test_a_member_without_a_reachable_endpoint_is_reached_through_the_daemons(endpoint):
+    received = []
+
+    async def stranger(reader, writer):  # another program on the announced address: it never welcomes us
+        received.append(await reader.read(1 << 20))
+
+    server = await asyncio.start_server(stranger, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1] if endpoint == "someone else" else closed_port()
+    try:
+        async with swarm_of(3) as (_, nodes):
+            theta = make_params()
+            async with running_swarms(nodes, theta, lambda i: config()) as swarms:
+                # Peer 2 announces an address where it cannot be reached (a NAT, a private address seen from
+                # elsewhere): the others fall back to the daemons for it, and send the stranger nothing but a hello.
+                swarms[2].matchmaker.direct_endpoints = [("127.0.0.1", port)]
+                await one_step(swarms, theta)
+                assert swarms[0].averager.streams == {"direct": 1, "relayed": 1}
+                assert swarms[2].averager.streams == {"direct": 2, "relayed": 0}
+                assert all(len(data) < 200 for data in received)
+    finally:
+        server.close()
 
 
 @pytest.mark.timeout(60)
