@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from swarm import StepStatus
+from swarm import NodeConfig, StepStatus, SwarmNode
 from swarm.allreduce import Averager
 from tests.conftest import swarm_of
 from tests.test_swarm import assert_params_close, config, make_params, perturbed, reference_outer_step, running_swarms
@@ -186,3 +186,30 @@ async def test_leader_killed_during_matchmaking_is_replaced():
             assert loop.time() - started < 8
             with contextlib.suppress(BaseException):
                 await leader
+
+
+@pytest.mark.timeout(120)
+async def test_bootstrap_node_killed_the_swarm_goes_on_and_takes_a_newcomer_through_a_peer():
+    async with swarm_of(2) as (bootstrap, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
+            kill_daemon(bootstrap)  # the only address the peers were given
+            for step in range(2):
+                locals_ = [perturbed([p.clone() for p in s.params], 10 * step + i) for i, s in enumerate(swarms)]
+                reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+                assert [r.group_size for r in reports] == [2, 2]
+                assert reports[0].params_sha256 == reports[1].params_sha256
+                for s, r in zip(swarms, reports):
+                    await s.publish_hash(r)
+            newcomer_node = await SwarmNode.create(NodeConfig(initial_peers=await nodes[0].visible_maddrs()))
+            try:
+                async with running_swarms([newcomer_node], theta, lambda i: config()) as (newcomer,):
+                    assert await newcomer.join_run()
+                    assert newcomer.global_step == 2 and newcomer.params_sha256() == swarms[0].params_sha256()
+                    everyone = [*swarms, newcomer]
+                    locals_ = [perturbed([p.clone() for p in s.params], 50 + i) for i, s in enumerate(everyone)]
+                    reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(everyone, locals_)])
+                    assert [r.group_size for r in reports] == [3, 3, 3]
+                    assert len({r.params_sha256 for r in reports}) == 1
+            finally:
+                await newcomer_node.close()
