@@ -87,7 +87,7 @@ def part_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 async def _maybe_in_thread(fn, *args):
     numel = next((a.numel() for a in args if isinstance(a, torch.Tensor)), None)
     if numel is None:
-        numel = max((len(a) for a in args if isinstance(a, (bytes, memoryview))), default=0)
+        numel = max((len(a) for a in args if isinstance(a, (bytes, bytearray, memoryview))), default=0)
     if numel >= _OFFLOAD_NUMEL:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
@@ -449,10 +449,8 @@ class Averager:
 
     async def _handle_direct(self, group_id: bytes, sender: int, mac: bytes, reader, writer) -> None:
         """A direct connection that introduced itself as member `sender` of group `group_id`: check, then serve."""
-        rnd = self._rounds.get(group_id)
-        if rnd is None:
-            # Its sender may have left matchmaking a moment before us; an unknown group is not kept for long.
-            rnd = self._round(group_id)
+        # Its sender may have left matchmaking a moment before us; an unknown group is not kept for long.
+        rnd = self._round(group_id)
         await asyncio.wait_for(rnd.configured.wait(), min(HELLO_TIMEOUT, self.timeout_seconds))
         group = rnd.group
         if not group.secret or not 0 <= sender < group.size or sender == group.my_index:

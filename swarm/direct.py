@@ -74,9 +74,6 @@ class SocketStream:
             got += k
         return buffer
 
-    async def read(self, n: int = -1) -> bytes:
-        return await self._loop.sock_recv(self.sock, 1 << 16 if n < 0 else n)
-
     def write(self, data) -> None:
         self._pending.append(data)
 
