@@ -10,7 +10,7 @@ import re
 import torch
 
 logger = logging.getLogger(__name__)
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_ANY = re.compile(r"^step-(\d{8})(\.shard\d+of\d+)?\.pt$")
 
 
 class CheckpointError(RuntimeError):
@@ -18,18 +18,34 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3):
+    """Checkpoints of one worker: `step-NNNNNNNN.pt`, or `step-NNNNNNNN.shard{i}of{n}.pt` for worker i of a peer
+    sharded over n workers (each worker saves and loads its own shard; nothing is gathered)."""
+
+    def __init__(self, directory: str, keep: int = 3, shard: tuple[int, int] | None = None):
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.directory, self.keep = directory, keep
+        self.suffix = "" if shard is None else f".shard{shard[0]}of{shard[1]}"
+        self._name = re.compile(rf"^step-(\d{{8}}){re.escape(self.suffix)}\.pt$")
         os.makedirs(directory, exist_ok=True)
 
     def _paths(self) -> list[str]:
-        names = [n for n in os.listdir(self.directory) if _NAME.match(n)]
+        names = [n for n in os.listdir(self.directory) if self._name.match(n)]
         return [os.path.join(self.directory, n) for n in sorted(names)]
 
+    def path(self, outer_step: int) -> str:
+        return os.path.join(self.directory, f"step-{outer_step:08d}{self.suffix}.pt")
+
+    def steps(self) -> list[int]:
+        """Outer steps this worker has a checkpoint file of (not checked yet), oldest first."""
+        return [int(self._name.match(os.path.basename(p)).group(1)) for p in self._paths()]
+
+    def other_layouts(self) -> list[str]:
+        """Checkpoint files in the directory that belong to another worker layout than ours."""
+        return sorted(n for n in os.listdir(self.directory) if _ANY.match(n) and not self._name.match(n))
+
     def save(self, state: dict, outer_step: int) -> str:
-        path = os.path.join(self.directory, f"step-{outer_step:08d}.pt")
+        path = self.path(outer_step)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
@@ -52,17 +68,31 @@ class Checkpointer:
 
     def load_latest(self) -> tuple[dict, str] | None:
         """The newest checkpoint that loads; a damaged one is skipped with a warning."""
-        for stale in glob.glob(os.path.join(self.directory, "*.tmp-*")):
-            os.remove(stale)  # left by a crash mid-save; the rename never happened
+        self.remove_stale()
         for path in reversed(self._paths()):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(state, dict) or "swarm" not in state:
-                    raise ValueError("not a swarm checkpoint")
+            state = self._load(path)
+            if state is not None:
                 return state, path
-            except Exception as e:
-                logger.warning(f"checkpoint {path} is unreadable ({e}); trying the previous one")
         return None
+
+    def load(self, outer_step: int) -> dict | None:
+        """The checkpoint of `outer_step`, or None (with a warning) if it is missing or damaged."""
+        return self._load(self.path(outer_step))
+
+    def remove_stale(self) -> None:
+        for stale in glob.glob(os.path.join(self.directory, f"*{self.suffix}.pt.tmp-*")):
+            os.remove(stale)  # left by a crash mid-save; the rename never happened
+
+    @staticmethod
+    def _load(path: str) -> dict | None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "swarm" not in state:
+                raise ValueError("not a swarm checkpoint")
+            return state
+        except Exception as e:
+            logger.warning(f"checkpoint {path} is unreadable ({e}); trying the previous one")
+            return None
 
 
 def _os_reason(error: BaseException) -> str:

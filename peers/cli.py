@@ -152,15 +152,64 @@ def _check_maddrs(flag: str, values) -> list[str]:
     default=30.0,
     help="Seconds to reach the initial peers before giving up.",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Local workers to shard the model over with FSDP (gloo on CPU, nccl on GPUs); each averages its own shard. "
+    "Peers average only with peers of the same count.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    help="Compute precision of the inner steps; θ and both optimizers stay fp32.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar; default: only on a terminal.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def main(**flags) -> None:
     """Join a DiLoCo training run over the swarm and contribute to it until stopped."""
+    from peers.workers import launch, worker_index
+
+    worker = worker_index()
+    level, prefix = flags["log_level"], ""
+    if worker is not None:
+        prefix = f"[worker {worker[0]}/{worker[1]}] "
+        if worker[0] != 0 and level != "DEBUG":
+            level = "WARNING"  # worker 0 speaks for the peer; the others only report problems
     logging.basicConfig(
-        level=flags["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", stream=sys.stderr
     )
     config = build_config(flags)
+    if worker is not None:
+        sys.exit(_run_worker(config, *worker))
+    if config.workers > 1:
+        sys.exit(launch(sys.argv[1:], config.workers))
     sys.exit(asyncio.run(_serve(config)))
+
+
+def _run_worker(config, rank: int, count: int) -> int:
+    """One worker of a sharded peer: join the other workers, then run the peer's phases in step with them."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from peers.sharded import ShardedPeer
+    from swarm.local import LocalGroup
+
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        backend = "nccl"
+    if rank != 0:
+        config.progress = False
+    dist.init_process_group(backend, rank=rank, world_size=count, timeout=datetime.timedelta(minutes=30))
+    try:
+        local = LocalGroup()
+        return asyncio.run(_serve(config, lambda: ShardedPeer(config, local)))
+    finally:
+        dist.destroy_process_group()
 
 
 def build_config(flags: dict):
@@ -188,6 +237,15 @@ def build_config(flags: dict):
             raise click.BadParameter(
                 f"{maddr!r} lacks the peer id: pass the full address printed by the node, ending in /p2p/<id>",
                 param_hint="'--initial-peers'",
+            )
+    if flags["nproc_per_node"] > 1:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and gpus < flags["nproc_per_node"]:
+            raise click.BadParameter(
+                f"{flags['nproc_per_node']} workers but only {gpus} GPUs: use at most one worker per GPU",
+                param_hint="'--nproc-per-node'",
             )
     if flags["checkpoint_dir"] and os.path.isfile(flags["checkpoint_dir"]):
         raise click.BadParameter("is a file, not a directory", param_hint="'--checkpoint-dir'")
@@ -233,14 +291,16 @@ def build_config(flags: dict):
         checkpoint_dir=flags["checkpoint_dir"],
         metrics_file=flags["metrics_file"],
         progress=flags["progress"],
+        precision=flags["precision"],
+        workers=flags["nproc_per_node"],
     )
 
 
-async def _serve(config) -> int:
+async def _serve(config, make_peer=None) -> int:
     from peers.runner import Peer
 
     try:
-        peer = await asyncio.to_thread(Peer, config)
+        peer = await asyncio.to_thread(make_peer or (lambda: Peer(config)))
     except (ModelLoadError, DataLoadError, ValueError) as e:
         logger.error(str(e))
         return 2

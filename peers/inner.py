@@ -54,8 +54,20 @@ class InnerResult:
 
 
 class InnerLoop:
-    def __init__(self, model: torch.nn.Module, batches: TokenBatcher, config: InnerConfig):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batches: TokenBatcher,
+        config: InnerConfig,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        """`autocast_dtype` (e.g. bfloat16) runs the forward pass in that precision; parameters and AdamW stay fp32.
+
+        A model sharded with FSDP gets its precision from its mixed-precision policy instead (peers.parallelize).
+        """
         self.model, self.batches, self.config = model, batches, config
+        self.device, self.autocast_dtype = torch.device(device), autocast_dtype
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -83,10 +95,11 @@ class InnerLoop:
         for _ in range(steps):
             if stop is not None and stop.is_set():
                 break
-            batch = next(self.batches)
+            batch = next(self.batches).to(self.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr_at(first_step + taken)
-            out = self.model(input_ids=batch, labels=batch)
+            with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                out = self.model(input_ids=batch, labels=batch)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if self.config.max_grad_norm > 0:

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from peers import memory
 from peers.checkpoint import Checkpointer, CheckpointError
 from peers.data import EMBEDDED as EMBEDDED_DATA
 from peers.data import TokenBatcher, load_text_dataset
@@ -25,7 +26,7 @@ from peers.inner import InnerConfig, InnerLoop, InnerResult
 from peers.metrics import MetricsWriter
 from peers.model import EMBEDDED as EMBEDDED_MODEL
 from peers.model import load_model
-from swarm import NodeConfig, OuterStepReport, StepStatus, Swarm, SwarmConfig, SwarmNode
+from swarm import NodeConfig, OuterStepReport, StepStatus, Swarm, SwarmConfig, SwarmNode, records
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class PeerConfig:
     metrics_file: str | None = None
     progress: bool | None = None
     """Progress bar: True, False, or None for 'only on a terminal'."""
+    precision: str = "fp32"
+    """Precision of the inner steps' compute: fp32 or bf16. θ, the outer optimizer and AdamW's state stay fp32."""
+    workers: int = 1
+    """Local workers the model is sharded over (FSDP); 1 trains the whole model in this process."""
 
 
 class Peer:
@@ -69,6 +74,7 @@ class Peer:
         self.dataset = load_text_dataset(config.dataset)
         self.completed_steps = 0
         self._pending_tokens = 0  # tokens of inner work not yet folded into θ (carried after a failed all-reduce)
+        self._outer_peak_mb: float | None = None
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -92,12 +98,16 @@ class Peer:
             seed=self.config.seed * 1_000_003 + peer_salt,
             skip_batches=data_position,
         )
-        self.inner = InnerLoop(self.model, self.batches, self.config.inner)
+        self.inner = self._make_inner_loop()
         if self._restored_inner_state is not None:
             self.inner.optimizer.load_state_dict(self._restored_inner_state)
         if self.config.metrics_file:
             self.metrics = MetricsWriter(self.config.metrics_file)
         return await self.node.visible_maddrs()
+
+    def _make_inner_loop(self) -> InnerLoop:
+        autocast = torch.bfloat16 if self.config.precision == "bf16" else None
+        return InnerLoop(self.model, self.batches, self.config.inner, autocast_dtype=autocast)
 
     def _restore(self) -> int:
         self._restored_inner_state = None
@@ -142,7 +152,7 @@ class Peer:
                 logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
                 break
             report = await self._outer_step(result)
-            self._record(result, report)
+            self._record(result, report, await self._step_facts(report))
             self.completed_steps += 1
 
     def _progress_disabled(self) -> bool | None:
@@ -159,15 +169,32 @@ class Peer:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
 
         first_step = self.swarm.global_step * self.config.inner_steps
-        return self.inner.run(self.config.inner_steps, self.stop_requested, on_step, first_step)
+        return self.inner.run(self.config.inner_steps, self._stop_flag(), on_step, first_step)
+
+    def _stop_flag(self):
+        """What the inner loop checks before every step (a sharded peer's workers must all stop at the same one)."""
+        return self.stop_requested
+
+    def _local_params(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.model.parameters()]
+
+    async def _step_facts(self, report: OuterStepReport) -> dict:
+        """What the metrics record says beyond the report: the layout-independent θ hash, the outer step's memory."""
+        digests = await asyncio.to_thread(lambda: [records.row_digests(p) for p in self.swarm.params])
+        return {"theta_sha256": records.theta_sha256(digests), "workers": 1, "outer_step_peak_mb": self._outer_peak_mb}
 
     async def _outer_step(self, result: InnerResult) -> OuterStepReport:
-        local = [p.detach() for p in self.model.parameters()]
+        local = self._local_params()
         tokens = self._pending_tokens + result.tokens
         if not math.isfinite(result.loss):
             # Make sure a poisoned step never reaches anyone: NaN loss means NaN parameters or moments.
             logger.error(f"inner loss was not finite at outer step {self.swarm.global_step}")
+        before = memory.rss_bytes()
+        measured = memory.reset_peak()
         report = await self.swarm.outer_step(local, tokens)
+        peak = memory.peak_rss_bytes()
+        # Memory the outer step added on top of what the process held before it (θ, model, optimizer states).
+        self._outer_peak_mb = round((peak - before) / 2**20, 2) if measured and peak and before else None
         if report.restart_from_global:
             self._load_global_into_model()
             self._pending_tokens = 0
@@ -186,7 +213,7 @@ class Peer:
         for p, g in zip(self.model.parameters(), self.swarm.params, strict=True):
             p.copy_(g)
 
-    def _record(self, result: InnerResult, report: OuterStepReport) -> None:
+    def _record(self, result: InnerResult, report: OuterStepReport, facts: dict) -> None:
         record = {
             "run_id": self.config.swarm.run_id,
             "peer_id": self.node.peer_id.to_base58(),
@@ -202,6 +229,7 @@ class Peer:
             "compute_seconds": round(result.seconds, 4),
             "comm_seconds": round(report.comm_seconds, 4),
             "params_sha256": report.params_sha256,
+            **facts,
             "time": time.time(),
         }
         if report.error:

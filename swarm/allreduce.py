@@ -150,7 +150,7 @@ class Averager:
     """Serves the reduce side of all-reduces for one run on one node, and runs all-reduces for its owner."""
 
     def __init__(self, node: SwarmNode, run_id: str, codec: Codec, timeout_seconds: float = 60.0, direct: bool = True):
-        self.node, self.run_id, self.codec = node, records.validate_run_id(run_id), codec
+        self.node, self.run_id, self.codec = node, records.validate_namespace(run_id), codec
         self.timeout_seconds = timeout_seconds
         self._protocol = f"swarm/{run_id}/reduce/1"
         self._rounds: dict[bytes, _Round] = {}

@@ -63,9 +63,19 @@ class SwarmConfig:
     direct_data_plane: bool = True
     """Move all-reduce bytes over direct TCP connections between group members when they can reach each other
     (see swarm.direct); off, or unreachable, they go through the p2p daemons' relayed streams."""
+    shard: tuple[int, int] | None = None
+    """(index, count): this Swarm holds shard `index` of a peer whose model is sharded over `count` workers
+    (see swarm.sharded); None for a peer that holds its whole model."""
+
+    @property
+    def namespace(self) -> str:
+        """Where this Swarm's records and protocols live: the run, or the run's shard namespace."""
+        return self.run_id if self.shard is None else records.shard_namespace(self.run_id, *self.shard)
 
     def validate(self) -> None:
         records.validate_run_id(self.run_id)
+        if self.shard is not None and not (self.shard[1] >= 2 and 0 <= self.shard[0] < self.shard[1]):
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count and count >= 2, got {self.shard}")
         make_codec(self.compression)
         self.matchmaking.validate()
         if self.allreduce_timeout_seconds <= 0:
@@ -110,18 +120,27 @@ class Swarm:
     Use `await Swarm.create(node, params, config)` and `await swarm.close()`.
     """
 
-    def __init__(self, node: SwarmNode, params: Sequence[torch.Tensor], config: SwarmConfig, outer_step: int = 0):
+    def __init__(
+        self,
+        node: SwarmNode,
+        params: Sequence[torch.Tensor],
+        config: SwarmConfig,
+        outer_step: int = 0,
+        layout: str = "",
+    ):
+        """`layout` describes how the peer splits its model over workers (swarm.sharded); it enters the schema."""
         config.validate()
         self.node, self.config = node, config
         self.params = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in params]
         self.outer = OuterOptimizer(self.params, lr=config.outer_lr, momentum=config.outer_momentum)
         self.params = self.outer.params
         self.codec = make_codec(config.compression)
-        self.schema = records.schema_hash(config.run_id, [p.shape for p in self.params], self.codec.tag)
-        about = records.describe_schema([p.shape for p in self.params], self.codec.tag)
-        self.matchmaker = Matchmaker(node, config.run_id, self.schema, config.matchmaking, about)
+        self.namespace = config.namespace
+        self.schema = records.schema_hash(config.run_id, [p.shape for p in self.params], self.codec.tag, layout)
+        about = records.describe_schema([p.shape for p in self.params], self.codec.tag, layout)
+        self.matchmaker = Matchmaker(node, self.namespace, self.schema, config.matchmaking, about)
         self.averager = Averager(
-            node, config.run_id, self.codec, config.allreduce_timeout_seconds, direct=config.direct_data_plane
+            node, self.namespace, self.codec, config.allreduce_timeout_seconds, direct=config.direct_data_plane
         )
         self.global_step = outer_step
         numel = sum(p.numel() for p in self.params)
@@ -129,13 +148,13 @@ class Swarm:
         self._state_version = 0  # bumped whenever θ or the momentum change
         self._snapshot_cache: tuple[tuple[int, int], RunState] | None = None
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
-        self.state_server = StateServer(node, config.run_id, self.schema, self._snapshot)
+        self.state_server = StateServer(node, self.namespace, self.schema, self._snapshot)
 
     @classmethod
     async def create(
-        cls, node: SwarmNode, params: Sequence[torch.Tensor], config: SwarmConfig, outer_step: int = 0
+        cls, node: SwarmNode, params: Sequence[torch.Tensor], config: SwarmConfig, outer_step: int = 0, layout: str = ""
     ) -> Swarm:
-        self = cls(node, params, config, outer_step)
+        self = cls(node, params, config, outer_step, layout)
         self.matchmaker.set_outer_step(outer_step)
         await self.averager.start()
         self.matchmaker.direct_endpoints = self.averager.direct_endpoints
@@ -157,20 +176,26 @@ class Swarm:
 
     async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
         """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
-        me = self.node.peer_id
         taken = None
         for _ in range(3):  # the run may move on during a transfer: a failed one is worth a second try
-            live = await self.matchmaker.live_peers()
-            ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
+            ahead, taken = await self.newer_state(timeout_seconds)
             if not ahead:
                 break
-            donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
-            taken = await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
             if taken is not None:
                 logger.info(f"caught up with the run: outer step {self.global_step} -> {taken.outer_step}")
                 self._adopt(taken)
                 break
         return taken is not None
+
+    async def newer_state(self, timeout_seconds: float = 60.0) -> tuple[bool, RunState | None]:
+        """(whether live peers are ahead of us, the newest state they agree on or None): one try, nothing adopted."""
+        me = self.node.peer_id
+        live = await self.matchmaker.live_peers()
+        ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
+        if not ahead:
+            return False, None
+        donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
+        return True, await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
 
     async def join_run(self, timeout_seconds: float = 60.0) -> bool:
         """On start: take over the run's state if it is ahead, and line up with its next round. True if taken.
@@ -183,15 +208,16 @@ class Swarm:
         await self._rejoin()
         return True
 
-    async def repair_drift(self, timeout_seconds: float = 60.0) -> bool:
+    async def repair_drift(self, timeout_seconds: float = 60.0, same_step: bool = False) -> bool:
         """If most members of our last group published another θ hash than ours for that step, take their θ.
 
         Only the last group counts: groups of one step may legitimately hold different θ (e.g. --max-group-size).
+        With `same_step`, only their θ of our own step is taken (a sharded peer's workers must stay at one step).
         """
         if self.global_step == 0 or self._last_group is None or self._last_group[0] != self.global_step:
             return False
         members = set(self._last_group[1])
-        found = await self.node.dht.get(records.hash_key(self.config.run_id, self.global_step), latest=True)
+        found = await self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True)
         published = {peer: digest for peer, digest in records.parse_hashes(found).items() if peer in members}
         mine = self.params_sha256()
         published[self.node.peer_id] = mine
@@ -202,7 +228,9 @@ class Swarm:
         donors = [peer for peer, digest in published.items() if digest == majority]
         step = self.global_step
         taken = await self._take_state(
-            donors, lambda other_step, digest: other_step > step or digest == majority, timeout_seconds
+            donors,
+            lambda other_step, digest: digest == majority if same_step else (other_step > step or digest == majority),
+            timeout_seconds,
         )
         if taken is None:
             logger.warning(f"θ at outer step {step} differs from {count} of {len(published)} members; no donor")
@@ -226,6 +254,12 @@ class Swarm:
         round behind forever.
         """
         step = self.global_step
+        if await self.round_under_way(wait_for_round):
+            await self.wait_for_round(step)
+
+    async def round_under_way(self, wait_for_round: bool = False) -> bool:
+        """Whether round `global_step` goes ahead without us, so we should wait for its result (see _rejoin)."""
+        step = self.global_step
         now = get_dht_time()
         if wait_for_round:
             me = self.node.peer_id
@@ -240,8 +274,10 @@ class Swarm:
             ahead = any(h.outer_step > step and h.schema == self.schema for h in live)
             # Too few looking to average without us: they wait for more peers anyway, so we train and join them.
             others = ahead or bool(formed) or len(looking) >= self.config.matchmaking.min_group_size
-        if not others:
-            return
+        return others
+
+    async def wait_for_round(self, step: int) -> None:
+        """Sit round `step` out and take over its result once it exists (or give up after the round's bound)."""
         await self.matchmaker.sit_out(step)
         mm = self.config.matchmaking
         deadline = time.monotonic() + mm.timeout_seconds + self.config.allreduce_timeout_seconds
@@ -257,7 +293,7 @@ class Swarm:
         async def accept(step: int, digest: str) -> bool:
             if not acceptable(step, digest):
                 return False
-            expected = await majority_hash(self.node, self.config.run_id, step)
+            expected = await majority_hash(self.node, self.namespace, step)
             if expected is not None and expected != digest:
                 logger.warning(f"donors offer θ of step {step} that most peers disown; not taking it")
                 return False
@@ -385,7 +421,7 @@ class Swarm:
     async def publish_hash(self, report: OuterStepReport) -> None:
         """Record our θ hash for this outer step in the DHT, so peers can compare (and a tool can check drift)."""
         await self.node.dht.store(
-            records.hash_key(self.config.run_id, report.outer_step),
+            records.hash_key(self.namespace, report.outer_step),
             report.params_sha256,
             get_dht_time() + 600,
             subkey=self.node.peer_id.to_base58(),

@@ -9,11 +9,14 @@ there, so groups converge on the smallest peer id; a leader that refuses, dies, 
 next one is tried. A peer that finds no group before its deadline gets None and averages alone.
 
 Join protocol (one binary stream per join, frames from `swarm.wire`):
-  follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d, "direct": [[ip, port], ...]}
+  follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d, "direct": [[ip, port], ...],
+                       "about": setup in words, "shards": [[id, endpoints], ...]}
   leader -> follower: {"type": "accepted"} | {"type": "rejected", "reason": r} | {"type": "redirect", "leader": id}
-  once accepted: {"type": "begin", "group_id": b, "peers": [ids], "secret": 32 bytes, "direct": {id: endpoints}}
+  once accepted: {"type": "begin", "group_id": b, "peers": [ids], "secret": 32 bytes, "direct": {id: endpoints},
+                  "shards": {id: [[id, endpoints], ...]}}
                  | {"type": "redirect", ...} | {"type": "disband"}
-  ("direct" and "secret" set up the group's direct data plane: see swarm.direct)
+  ("direct" and "secret" set up the group's direct data plane: see swarm.direct; "shards" names the nodes of a
+   sharded peer's other workers, which average their shards in parallel: see swarm.sharded)
   leader -> peer it waits for: {"type": "ping"}
   peer -> leader: {"type": "pong", "step": its outer step, "looking": step it looks for a group for (-1: none),
                    "leading": whether it leads its own search}
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 from dataclasses import dataclass, field
@@ -82,16 +86,61 @@ class Group:
     """Random per group, known only to its members: authenticates direct connections (swarm.direct)."""
     direct: dict = field(default_factory=dict, repr=False, compare=False)
     """Peer id -> direct endpoints [(ip, port)] it announced; peers without any are reached through p2p only."""
+    shards: dict = field(default_factory=dict, repr=False, compare=False)
+    """Peer id -> [(node id, endpoints)] of its workers 1..N-1, for peers sharded over N workers (swarm.sharded)."""
 
     @property
     def size(self) -> int:
         return len(self.peer_ids)
+
+    def for_shard(self, index: int) -> Group:
+        """The group in which worker `index` of every member averages its shard: same members, same order.
+
+        Its id and secret derive from this group's, so the shard rounds of one group never mix with another's.
+        """
+        if index == 0:
+            return self
+        nodes = []
+        for peer in self.peer_ids:
+            workers = self.shards.get(peer, [])
+            if len(workers) < index:
+                raise ProtocolError(f"member {peer} did not name its worker {index}: it is not sharded like us")
+            nodes.append(workers[index - 1])
+        tag = b"shard" + index.to_bytes(4, "big")
+        group_id = hashlib.sha256(self.group_id + tag).digest()[:16]
+        secret = hmac.new(self.secret, tag, hashlib.sha256).digest() if self.secret else b""
+        direct = {node: endpoints for node, endpoints in nodes if endpoints}
+        ids = tuple(node for node, _ in nodes)
+        if len(set(ids)) != len(ids):
+            raise ProtocolError("members named the same worker node twice")
+        return Group(group_id, self.outer_step, ids, self.my_index, secret, direct)
+
+
+def parse_shard_nodes(value) -> list[tuple[PeerID, list]]:
+    """[(node id, endpoints)] from a join request or begin message; malformed entries raise ProtocolError."""
+    if not isinstance(value, list) or len(value) > 1024:
+        raise ProtocolError("shards must be a list")
+    out = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+            raise ProtocolError("each shard node is [peer id, endpoints]")
+        try:
+            node = PeerID.from_base58(item[0])
+        except Exception as e:
+            raise ProtocolError(f"bad shard node id {item[0]!r}") from e
+        out.append((node, parse_endpoints(item[1])))
+    return out
+
+
+def _shard_nodes_value(nodes) -> list:
+    return [[node.to_base58(), [list(e) for e in endpoints]] for node, endpoints in nodes]
 
 
 @dataclass
 class _Follower:
     deadline: float
     direct: list = field(default_factory=list)
+    shards: list = field(default_factory=list)
     outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -121,7 +170,7 @@ class Matchmaker:
     def __init__(
         self, node: SwarmNode, run_id: str, schema: str, config: MatchmakingConfig | None = None, about: str = ""
     ):
-        self.node, self.run_id, self.schema, self.about = node, records.validate_run_id(run_id), schema, about
+        self.node, self.run_id, self.schema, self.about = node, records.validate_namespace(run_id), schema, about
         self._warned_incompatible: set[PeerID] = set()
         self.config = config or MatchmakingConfig()
         self.config.validate()
@@ -133,6 +182,8 @@ class Matchmaker:
         self._closing = False
         self.direct_endpoints: list[tuple[str, int]] = []
         """This peer's direct data-plane endpoints, announced when it joins a group (set by its averager)."""
+        self.shard_nodes: list[tuple[PeerID, list]] = []
+        """Nodes (and direct endpoints) of this peer's workers 1..N-1 when it is sharded over N workers."""
 
     @property
     def peer_id(self) -> PeerID:
@@ -355,17 +406,21 @@ class Matchmaker:
         if self.direct_endpoints:
             direct[self.peer_id] = self.direct_endpoints
         secret = os.urandom(32)
+        shards = {peer: follower.shards for peer, follower in state.followers.items() if follower.shards}
+        if self.shard_nodes:
+            shards[self.peer_id] = self.shard_nodes
         message = {
             "type": "begin",
             "group_id": group_id,
             "peers": [p.to_base58() for p in peers],
             "secret": secret,
             "direct": {p.to_base58(): [list(e) for e in endpoints] for p, endpoints in direct.items()},
+            "shards": {p.to_base58(): _shard_nodes_value(nodes) for p, nodes in shards.items()},
         }
         state.closed = True
         self._release_followers(state, message)
         logger.debug(f"{self.peer_id} leads group {group_id.hex()} of {len(peers)} for step {state.outer_step}")
-        return Group(group_id, state.outer_step, tuple(peers), peers.index(self.peer_id), secret, direct)
+        return Group(group_id, state.outer_step, tuple(peers), peers.index(self.peer_id), secret, direct, shards)
 
     def _release_followers(self, state: _Looking, message: dict) -> None:
         for follower in state.followers.values():
@@ -390,6 +445,9 @@ class Matchmaker:
                 return None, None
             request = {"type": "join", "step": state.outer_step, "schema": self.schema, "deadline": state.deadline}
             request["direct"] = [list(e) for e in self.direct_endpoints]
+            request["about"] = self.about
+            if self.shard_nodes:
+                request["shards"] = _shard_nodes_value(self.shard_nodes)
             await write_frame(writer, request)
             reply, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
             if reply.get("type") == "accepted":
@@ -436,7 +494,14 @@ class Matchmaker:
                     direct[peer_id] = parse_endpoints(endpoints)
         else:
             secret = b""  # an older leader or a malformed offer: the relayed streams work without it
-        return Group(group_id, state.outer_step, peers, peers.index(self.peer_id), secret, direct)
+        shards = {}
+        offered = reply.get("shards", {})
+        if isinstance(offered, dict):
+            for peer, nodes in offered.items():
+                peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else None
+                if peer_id in peers:
+                    shards[peer_id] = parse_shard_nodes(nodes)
+        return Group(group_id, state.outer_step, peers, peers.index(self.peer_id), secret, direct, shards)
 
     # ---- serving join requests ------------------------------------------------------------------------------------
 
@@ -465,7 +530,11 @@ class Matchmaker:
             if request.get("type") != "join":
                 reason = f"unexpected message type {request.get('type')!r}"
             elif schema != self.schema:
-                reason = f"incompatible schema {schema} (this peer runs {self.schema}: other model, codec or version)"
+                theirs = str(request.get("about", ""))[:200] or "an unknown setup"
+                reason = (
+                    f"incompatible setup: this peer runs {self.about or self.schema}; you run {theirs}"
+                    " (other model, codec, version or worker layout)"
+                )
                 logger.warning(f"refused {peer} for step {step}: {reason}")
             elif state is None or state.outer_step != step:
                 reason = f"not looking for a group for step {step}"
@@ -479,7 +548,11 @@ class Matchmaker:
             if reason is not None:
                 await write_frame(writer, {"type": "rejected", "reason": reason})
                 return
-            follower = _Follower(deadline=deadline, direct=parse_endpoints(request.get("direct", [])))
+            follower = _Follower(
+                deadline=deadline,
+                direct=parse_endpoints(request.get("direct", [])),
+                shards=parse_shard_nodes(request.get("shards", [])),
+            )
             state.followers[peer] = follower
             await write_frame(writer, {"type": "accepted"})
             state.changed.set()

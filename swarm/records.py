@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}(\.shard[0-9]{1,4}of[0-9]{1,4})?$")
 
 
 def validate_run_id(run_id: str) -> str:
@@ -35,18 +36,54 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-def schema_hash(run_id: str, shapes: Sequence[Sequence[int]], codec_tag: str) -> str:
-    """What two peers must share to average together: protocol, run, parameter layout and wire codec."""
+def validate_namespace(namespace: str) -> str:
+    """A run id, or a run id with `.shard{i}of{n}`: where worker i of peers sharded over n workers meet."""
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise ValueError(f"namespace {namespace!r} is invalid: a run id, optionally followed by .shard<i>of<n>")
+    return namespace
+
+
+def shard_namespace(run_id: str, index: int, count: int) -> str:
+    """Worker 0 of a sharded peer lives in the run itself (it matchmakes for the peer); the others in their own."""
+    return run_id if index == 0 else f"{run_id}.shard{index}of{count}"
+
+
+def schema_hash(run_id: str, shapes: Sequence[Sequence[int]], codec_tag: str, layout: str = "") -> str:
+    """What two peers must share to average together: protocol, run, parameter layout, wire codec, worker layout."""
     h = hashlib.sha256()
-    h.update(f"swarm-protocol/{PROTOCOL_VERSION}\0{run_id}\0{codec_tag}\0".encode())
+    h.update(f"swarm-protocol/{PROTOCOL_VERSION}\0{run_id}\0{codec_tag}\0{layout}\0".encode())
     for shape in shapes:
         h.update((",".join(str(int(s)) for s in shape) + ";").encode())
     return h.hexdigest()[:32]
 
 
-def describe_schema(shapes: Sequence[Sequence[int]], codec_tag: str) -> str:
+def describe_schema(shapes: Sequence[Sequence[int]], codec_tag: str, layout: str = "") -> str:
     numel = sum(math.prod(shape) for shape in shapes)
-    return f"protocol {PROTOCOL_VERSION}, codec {codec_tag}, {numel:,} parameters in {len(shapes)} tensors"
+    about = f"protocol {PROTOCOL_VERSION}, codec {codec_tag}, {numel:,} parameters in {len(shapes)} tensors"
+    return f"{about}, {layout}" if layout else f"{about}, one worker"
+
+
+def row_digests(tensor: torch.Tensor) -> bytes:
+    """sha256 of each row (index along dim 0) of a tensor's float32 little-endian bytes, concatenated.
+
+    FSDP shards parameters along dim 0, so every worker can hash its own rows: the digests of the full tensor are
+    the workers' digests concatenated in worker order, whatever the number of workers.
+    """
+    data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    rows = data.reshape(1, 1) if data.dim() == 0 else data.reshape(data.shape[0], math.prod(data.shape[1:]))
+    array = rows.numpy().astype("<f4", copy=False)
+    return b"".join(hashlib.sha256(row.tobytes()).digest() for row in array)
+
+
+def theta_sha256(per_tensor_rows: Sequence[bytes]) -> str:
+    """Hash of a full θ from the row digests of each of its tensors (see row_digests): a two-level Merkle hash.
+
+    It does not depend on how θ is sharded over a peer's workers, so peers of any layout can compare it.
+    """
+    h = hashlib.sha256()
+    for rows in per_tensor_rows:
+        h.update(hashlib.sha256(rows).digest())
+    return h.hexdigest()
 
 
 def params_sha256(tensors: Sequence[torch.Tensor]) -> str:

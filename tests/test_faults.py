@@ -67,7 +67,7 @@ async def test_join_with_another_schema_gets_a_clear_refusal():
             await write_frame(writer, {"type": "join", "step": 0, "schema": "f" * 32, "deadline": 1e12})
             reply, _ = await asyncio.wait_for(read_frame(reader), 10)
             writer.close()
-            assert reply["type"] == "rejected" and "incompatible schema" in reply["reason"]
+            assert reply["type"] == "rejected" and "incompatible setup" in reply["reason"]
             report = await looking
             assert report.group_size == 1
         finally:
