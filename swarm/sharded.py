@@ -108,6 +108,7 @@ class ShardedSwarm:
                 self.swarm._adopt(state)
                 return True
             # Workers got different steps (the run moved on mid-transfer) or some got none: try again.
+            logger.info(f"workers took different states of the run ({[s for _, s in seen]}); trying again")
         return False
 
     async def join_run(self, timeout_seconds: float = 60.0) -> bool:

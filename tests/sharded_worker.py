@@ -36,7 +36,7 @@ async def train(args, model: torch.nn.Module, local: LocalGroup) -> None:
     config = SwarmConfig(
         run_id="fsdp-ref",
         compression=args.compression,
-        matchmaking=MatchmakingConfig(min_group_size=2, timeout_seconds=60),
+        matchmaking=MatchmakingConfig(min_group_size=2, timeout_seconds=args.matchmaking_timeout),
     )
     shapes = [tuple(p.shape) for p in model.parameters()]
     swarm = await ShardedSwarm.create(node, [t.detach() for t in local_shards(model)], config, local, shapes)
@@ -50,6 +50,9 @@ async def train(args, model: torch.nn.Module, local: LocalGroup) -> None:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+            if step == args.nan_step and local.rank == args.nan_rank:
+                with torch.no_grad():
+                    local_shards(model)[3].view(-1)[0] = float("nan")  # one worker's shard only
             before = await asyncio.to_thread(full, model)
             report = await swarm.outer_step([t.detach() for t in local_shards(model)], tokens=64)
             with torch.no_grad():
@@ -73,6 +76,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--compression", default="none")
+    parser.add_argument("--matchmaking-timeout", type=float, default=60.0)
+    parser.add_argument("--nan-step", type=int, default=-1, help="put a NaN into one worker's shard at this step")
+    parser.add_argument("--nan-rank", type=int, default=1)
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:

@@ -31,11 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_sharded_worker(peer: int, rank: int, port: int, bootstrap: str, out: str, steps: int):
+def start_sharded_worker(peer: int, rank: int, port: int, bootstrap: str, out: str, steps: int, *extra: str):
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env["OMP_NUM_THREADS"] = "1"
     args = [sys.executable, "tests/sharded_worker.py", "--peer", str(peer), "--steps", str(steps)]
-    args += ["--bootstrap", bootstrap, "--out", out]
+    args += ["--bootstrap", bootstrap, "--out", out, *extra]
     log = open(os.path.join(out, f"worker{peer}.{rank}.log"), "wb")  # noqa: SIM115 - owned by the child
     try:
         return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -47,21 +47,7 @@ def start_sharded_worker(peer: int, rank: int, port: int, bootstrap: str, out: s
 def test_two_sharded_peers_equal_the_reference_diloco(tmp_path):
     """2 peers x 2 workers: after every outer step the full θ is identical on both and equals the reference."""
     out, steps = str(tmp_path), 2
-    boot = start_bootstrap(out)
-    workers = []
-    try:
-        for peer in range(2):
-            port = free_port()
-            workers += [start_sharded_worker(peer, rank, port, boot.maddrs[0], out, steps) for rank in range(2)]
-        for w in workers:
-            w.wait(200)
-        logs = [open(f"{out}/{n}").read()[-2000:] for n in sorted(os.listdir(out)) if n.endswith(".log")]
-        assert [w.returncode for w in workers] == [0, 0, 0, 0], logs
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-        stop(boot.process)
+    run_two_sharded_peers(out, steps)
 
     initial = [torch.load(f"{out}/peer{p}-initial.pt") for p in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*initial, strict=True))
@@ -84,6 +70,81 @@ def test_two_sharded_peers_equal_the_reference_diloco(tmp_path):
             torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
         # The peer's hash of its sharded θ is the hash of the whole θ computed in one place.
         assert got[0]["theta"] == records.theta_sha256([records.row_digests(t) for t in got[0]["after"]])
+
+
+def run_two_sharded_peers(out: str, steps: int, extra: dict[int, list[str]] | None = None) -> None:
+    boot = start_bootstrap(out)
+    workers = []
+    try:
+        for peer in range(2):
+            port, more = free_port(), (extra or {}).get(peer, [])
+            workers += [start_sharded_worker(peer, rank, port, boot.maddrs[0], out, steps, *more) for rank in range(2)]
+        for w in workers:
+            w.wait(200)
+        logs = [open(f"{out}/{n}").read()[-2000:] for n in sorted(os.listdir(out)) if n.endswith(".log")]
+        assert [w.returncode for w in workers] == [0, 0, 0, 0], logs
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        stop(boot.process)
+
+
+@pytest.mark.timeout(240)
+def test_nan_in_one_shard_is_never_sent_and_the_peer_rejoins(tmp_path):
+    """A NaN in worker 1's shard: the whole peer sits the round out, then takes the round's result and averages on."""
+    out = str(tmp_path)
+    nan = ["--nan-step", "1", "--nan-rank", "1"]
+    run_two_sharded_peers(out, 3, {0: ["--matchmaking-timeout", "5"], 1: ["--matchmaking-timeout", "5", *nan]})
+    got = [[torch.load(f"{out}/peer{p}-step{s}.pt") for s in range(3)] for p in range(2)]
+    assert [g["status"] for g in got[1]] == ["averaged", "nonfinite", "averaged"]
+    assert [g["status"] for g in got[0]] == ["averaged", "alone", "averaged"]
+    # After sitting out it took over the round's result, so both trained step 2 from the same θ and agree again.
+    assert torch.isnan(got[1][1]["local"][3]).any()
+    assert all(torch.isfinite(t).all() for g in got[1] for t in g["after"])
+    assert got[0][2]["theta"] == got[1][2]["theta"]
+    assert all(torch.equal(a, b) for a, b in zip(got[0][2]["after"], got[1][2]["after"], strict=True))
+
+
+@pytest.mark.timeout(300)
+def test_sharded_newcomer_takes_each_shard_from_the_run_and_averages(tmp_path):
+    """A 2-worker peer joining two 2-worker peers mid-run: every worker takes its shard, then it averages with them."""
+    w = str(tmp_path)
+    boot = start_bootstrap(w, "--run-id", "late")
+    common = [
+        "--run-id",
+        "late",
+        "--nproc-per-node",
+        "2",
+        "--inner-steps",
+        "10",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+    ]
+    peers = []
+    try:
+        for i in range(2):
+            peers.append(start_peer(w, f"p{i}", boot.maddrs, *common, "--metrics-file", f"{w}/m{i}.jsonl"))
+        deadline = time.monotonic() + 120
+        while len(read_metrics(f"{w}/m0.jsonl")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        late = start_peer(w, "late", boot.maddrs, *common, "--outer-steps", "2", "--metrics-file", f"{w}/late.jsonl")
+        peers.append(late)
+        assert late.wait(150) == 0, open(f"{w}/late.log").read()[-3000:]
+        mine = read_metrics(f"{w}/late.jsonl")
+        assert "caught up with the run" in open(f"{w}/late.log").read()
+        assert mine[0]["outer_step"] > 2  # it started from the run's state, not from θ0
+        others = {r["outer_step"]: r for i in range(2) for r in read_metrics(f"{w}/m{i}.jsonl")}
+        averaged = [r for r in mine if r["status"] == "averaged" and r["group_size"] == 3]
+        assert averaged, mine
+        for r in averaged:
+            assert r["params_sha256"] == others[r["outer_step"]]["params_sha256"]
+    finally:
+        for p in peers:
+            stop(p)
+        stop(boot.process)
 
 
 @pytest.mark.timeout(300)
