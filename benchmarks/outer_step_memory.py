@@ -67,9 +67,11 @@ def main(size: str, workers: str, outer_steps: int) -> None:
             peak, records, group = measure(workdir, model, n, outer_steps)
             results[n] = peak
             params = records[0].get("bytes_sent", 0)
+            per_step = [(r["outer_step"], r["outer_step_peak_mb"]) for r in records]
             print(
                 f"workers {n}: outer-step peak {peak:8.1f} MB per worker (group of {group},"
-                f" {params / 1e6:.1f} MB sent per peer per step, {time.monotonic() - started:.0f} s)",
+                f" {params / 1e6:.1f} MB sent per peer per step, {time.monotonic() - started:.0f} s);"
+                f" per step and worker: {per_step}",
                 flush=True,
             )
         base = results.get(1)

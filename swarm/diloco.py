@@ -31,7 +31,7 @@ from hivemind.utils import get_dht_time
 from swarm import records
 from swarm.allreduce import AllReduceError, Averager
 from swarm.codec import make_codec
-from swarm.flat import flatten, unflatten
+from swarm.flat import difference, unflatten
 from swarm.matchmaking import Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import OuterOptimizer
@@ -332,7 +332,7 @@ class Swarm:
         if len(local) != len(self.params):
             raise ValueError(f"got {len(local)} local tensors for {len(self.params)} global parameters")
         step = self.global_step
-        delta = flatten(self.params) - flatten(local)
+        delta = difference(self.params, local)
         started = time.perf_counter()
         if not bool(torch.isfinite(delta).all()):
             bad = int((~torch.isfinite(delta)).sum())

@@ -22,3 +22,18 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Te
         out.append(flat[offset : offset + t.numel()].view(t.shape))
         offset += t.numel()
     return out
+
+
+def difference(minuend: Sequence[torch.Tensor], subtrahend: Sequence[torch.Tensor]) -> torch.Tensor:
+    """flatten(minuend) - flatten(subtrahend), written straight into one vector (no flat copy of either side)."""
+    if len(minuend) != len(subtrahend):
+        raise ValueError(f"{len(minuend)} tensors against {len(subtrahend)}")
+    out = torch.empty(sum(t.numel() for t in minuend), dtype=torch.float32)
+    offset = 0
+    for a, b in zip(minuend, subtrahend, strict=True):
+        if a.numel() != b.numel():
+            raise ValueError(f"tensor of {a.numel()} values against one of {b.numel()}")
+        b = b.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        torch.sub(a.detach().reshape(-1), b, out=out[offset : offset + a.numel()])
+        offset += a.numel()
+    return out

@@ -91,7 +91,7 @@ def params_sha256(tensors: Sequence[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         data = t.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1)
-        h.update(data.numpy().astype("<f4", copy=False).tobytes())
+        h.update(data.numpy().astype("<f4", copy=False))  # the buffer itself: no bytes copy of θ
     return h.hexdigest()
 
 

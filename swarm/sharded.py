@@ -36,7 +36,7 @@ from hivemind.p2p import PeerID
 from swarm import records
 from swarm.allreduce import AllReduceError
 from swarm.diloco import OuterStepReport, StepStatus, Swarm, SwarmConfig
-from swarm.flat import flatten
+from swarm.flat import difference
 from swarm.local import LocalGroup
 from swarm.node import SwarmNode
 from swarm.wire import ProtocolError
@@ -152,7 +152,7 @@ class ShardedSwarm:
             raise ValueError(f"tokens must be positive, got {tokens}")
         step = swarm.global_step
         started = time.perf_counter()
-        delta = flatten(swarm.params) - flatten([t.detach().to("cpu", torch.float32) for t in local])
+        delta = difference(swarm.params, local)
         bad = int((~torch.isfinite(delta)).sum())
         bad_per_worker = await self.local.all_gather(bad)
         if any(bad_per_worker):
