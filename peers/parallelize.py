@@ -57,8 +57,11 @@ def optimizer_state_from_local(optimizer: torch.optim.Optimizer, saved: dict) ->
     state = {}
     for index, values in saved["state"].items():
         param = params[int(index)]
+        device = param.to_local().device if isinstance(param, DTensor) else param.device
         state[index] = {
-            name: DTensor.from_local(v, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+            name: DTensor.from_local(
+                v.to(device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+            )
             if isinstance(v, torch.Tensor) and v.dim() > 0 and isinstance(param, DTensor)
             else v
             for name, v in values.items()

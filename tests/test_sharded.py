@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,27 @@ from swarm.outer import OuterOptimizer
 from swarm.wire import ProtocolError
 
 FAST = ["--inner-steps", "4", "--batch-size", "4", "--seq-len", "64"]
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -176,18 +198,27 @@ def test_sharded_swarm_peer_programs_agree_and_resume(tmp_path):
         digests = [records.row_digests(a) + records.row_digests(b) for a, b in zip(*shards, strict=True)]
         assert records.theta_sha256(digests) == records_[0][-1]["theta_sha256"]
 
-        # Peer 0 restarts alone from its checkpoints and goes on from outer step 3 with the same θ.
-        args = ["--run-id", "fsdp", "--nproc-per-node", "2", "--outer-steps", "1", "--metrics-file", f"{w}/m0.jsonl",
+        # Peer 0 restarts alone from its checkpoints and goes on from outer step 3 with the same θ, until SIGTERM.
+        args = ["--run-id", "fsdp", "--nproc-per-node", "2", "--metrics-file", f"{w}/m0.jsonl",
                 "--checkpoint-dir", f"{w}/ck0", "--identity", f"{w}/p0.id", "--matchmaking-timeout", "3",
                 *FAST]  # fmt: skip
         again = start_peer(w, "p0-again", boot.maddrs, *args)
         peers.append(again)
-        assert again.wait(120) == 0, open(f"{w}/p0-again.log").read()[-3000:]
+        deadline = time.monotonic() + 120
+        while len(read_metrics(f"{w}/m0.jsonl")) < 4 and time.monotonic() < deadline and again.poll() is None:
+            time.sleep(0.3)
+        workers = children_of(again.pid)
+        assert len(workers) == 2
+        again.send_signal(signal.SIGTERM)  # the launcher forwards it: both workers finish the phase and save
+        assert again.wait(60) == 0, open(f"{w}/p0-again.log").read()[-3000:]
+        assert not any(alive(pid) for pid in workers)
         log = open(f"{w}/p0-again.log").read()
         resumed = re.search(r"resumed from outer step 3 .*θ ([0-9a-f]{12})", log)
         assert resumed and resumed.group(1) == records_[0][-1]["theta_sha256"][:12], log[-3000:]
-        last = read_metrics(f"{w}/m0.jsonl")[-1]
-        assert last["outer_step"] == 4 and last["status"] == "alone"
+        after = read_metrics(f"{w}/m0.jsonl")[3:]
+        assert after[0]["outer_step"] == 4 and after[0]["status"] == "alone"
+        newest = max(Checkpointer(f"{w}/ck0", shard=(r, 2)).steps()[-1] for r in range(2))
+        assert Checkpointer(f"{w}/ck0", shard=(0, 2)).steps()[-1] == newest == after[-1]["outer_step"]
     finally:
         for p in peers:
             stop(p)
@@ -203,11 +234,12 @@ def test_peers_of_different_worker_layouts_are_refused_clearly(tmp_path):
     try:
         common = ["--run-id", "mixed", "--outer-steps", "2", "--matchmaking-timeout", "6", *FAST]
         peers.append(start_peer(w, "one", boot.maddrs, *common, "--metrics-file", f"{w}/one.jsonl"))
-        peers.append(start_peer(w, "two", boot.maddrs, *common, "--nproc-per-node", "2", "--metrics-file",
-                                f"{w}/two.jsonl"))  # fmt: skip
+        peers.append(start_peer(w, "two", boot.maddrs, *common, "--nproc-per-node", "2", "--precision", "bf16",
+                                "--metrics-file", f"{w}/two.jsonl"))  # fmt: skip
         assert [p.wait(150) for p in peers] == [0, 0]
         for name in ("one", "two"):
             assert [r["group_size"] for r in read_metrics(f"{w}/{name}.jsonl")] == [1, 1]
+            assert all(r["loss"] is not None for r in read_metrics(f"{w}/{name}.jsonl"))  # bf16 compute included
         logs = open(f"{w}/one.log").read() + open(f"{w}/two.log").read()
         assert re.search(r"incompatible.*one worker.*sharded over 2 workers|incompatible.*sharded over 2 workers"
                          r".*one worker", logs), logs[-3000:]  # fmt: skip
