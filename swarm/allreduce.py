@@ -123,7 +123,9 @@ class _Round:
     payloads: dict[int, bytes] = field(default_factory=dict)
     """Encoded averaged parts this member holds, exactly as their reducers sent them (the same bytes everywhere)."""
     values: dict[int, torch.Tensor] = field(default_factory=dict)
-    """The same parts, decoded."""
+    """The same parts, decoded (views into `output`)."""
+    output: torch.Tensor | None = None
+    """The averaged vector, filled part by part as averaged parts are decoded into it."""
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """This member's own attempt is over: it holds every averaged part it will ever get from the reducers."""
     reducer: asyncio.Task | None = None
@@ -226,6 +228,7 @@ class Averager:
         rnd = self._round(group.group_id)
         lo, hi = bounds[group.my_index]
         rnd.group, rnd.part_numel, rnd.bounds = group, hi - lo, bounds
+        rnd.output = torch.empty(flat.numel(), dtype=torch.float32)
         rnd.configured.set()  # others may send us their parts (and open direct connections) from now on
         try:
             # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
@@ -264,7 +267,7 @@ class Averager:
         finally:
             rnd.settled.set()
             self._forget_later(group.group_id, rnd)
-        averaged = torch.cat([rnd.values[i] for i in range(group.size)])
+        averaged = rnd.output  # every part was decoded into its place: no concatenation
         total = sum(w for w, _ in rnd.contributions.values())
         return AllReduceResult(
             averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started, recovered
@@ -327,11 +330,14 @@ class Averager:
                         raise ProtocolError(f"member {index} sent part {header.get('index')} out of order")
                     if i in rnd.values:
                         continue
-                    numel = rnd.bounds[i][1] - rnd.bounds[i][0]
-                    values = await _maybe_in_thread(self.codec.decode, payload, numel)
+                    lo, hi = rnd.bounds[i]
+                    # A fresh tensor first: the reducer's own answer may still be decoding into the output.
+                    values = await _maybe_in_thread(self.codec.decode, payload, hi - lo)
                     if not _all_finite(values):
                         raise ProtocolError(f"member {index} sent a non-finite averaged part {i}")
-                    rnd.payloads[i], rnd.values[i] = payload, values
+                    if i not in rnd.values:
+                        rnd.output[lo:hi] = values
+                        rnd.payloads[i], rnd.values[i] = payload, rnd.output[lo:hi]
             finally:
                 close_writer(writer)
 
@@ -359,7 +365,8 @@ class Averager:
     async def _own_result(self, rnd: _Round) -> None:
         # Shielded: cancelling this task must not cancel the result that the handlers still serve to the others.
         payload = await asyncio.shield(rnd.result)
-        values = await _maybe_in_thread(self.codec.decode, payload, rnd.part_numel)
+        lo, hi = rnd.bounds[rnd.group.my_index]
+        values = await _maybe_in_thread(self.codec.decode_into, payload, rnd.output[lo:hi])
         rnd.payloads[rnd.group.my_index], rnd.values[rnd.group.my_index] = payload, values
 
     async def _exchange(
@@ -397,7 +404,8 @@ class Averager:
                 # The member is alive but its reduction failed (e.g. it lost someone else): not a suspect.
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
             try:
-                values = await _maybe_in_thread(self.codec.decode, averaged, part.numel())
+                lo, hi = rnd.bounds[index]
+                values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
             except CodecError as e:
                 raise _MemberLost(index, f"{peer} sent an averaged part we cannot decode: {e}") from e
             if not _all_finite(values):

@@ -16,6 +16,8 @@ import struct
 import numpy as np
 import torch
 
+from swarm.native import sqblock
+
 
 class CodecError(ValueError):
     """A payload could not be decoded: wrong size, wrong header, or non-finite content."""
@@ -39,6 +41,11 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode(self, payload: bytes | memoryview, numel: int) -> torch.Tensor:
         """Decode into a new 1-d float32 tensor of `numel` elements; raise CodecError if the payload does not fit."""
+
+    def decode_into(self, payload: bytes | memoryview, out: torch.Tensor) -> torch.Tensor:
+        """Decode into `out` (1-d, contiguous float32, e.g. a slice of a larger vector) and return it."""
+        out.copy_(self.decode(payload, out.numel()))
+        return out
 
     @abc.abstractmethod
     def encoded_size(self, numel: int) -> int:
@@ -65,6 +72,12 @@ class NoCompression(Codec):
         values = np.frombuffer(payload, dtype="<f4")
         # A writable buffer (a bytearray read straight off a socket) becomes the tensor as it is: no 2nd copy.
         return torch.from_numpy(values if values.flags.writeable else values.copy())
+
+    def decode_into(self, payload, out: torch.Tensor) -> torch.Tensor:
+        if len(payload) != 4 * out.numel():
+            raise CodecError(f"fp32 payload has {len(payload)} bytes, expected {4 * out.numel()}")
+        out.numpy()[:] = np.frombuffer(payload, dtype="<f4")
+        return out
 
     def encoded_size(self, numel: int) -> int:
         return 4 * numel
@@ -100,10 +113,16 @@ class Blockwise8BitCompression(Codec):
 
     Decoding is a table lookup and one float32 multiply: the table holds k^2/16129 rounded once from exact double
     arithmetic, so every machine decodes the same bytes to the same bits (no pow or sqrt on the decoding path).
+
+    Where a C compiler is available both directions run in native code (swarm.native: one pass per block, 3-9x
+    faster than the torch/numpy path). Decoding gives the same bits either way. Encoding may differ from the torch
+    path by one level on values that sit exactly between two levels (torch's vectorized sqrt is not always correctly
+    rounded); that is harmless, because every member decodes the bytes that were actually sent.
     """
 
     name, version = "int8-sqblock", 1
     _HEADER = struct.Struct("<I")
+    _TINY = 1e-30
     # Code byte b (as uint8) -> signed level; -128, never produced, decodes to -(128/127)^2.
     _SIGNED_LEVELS = np.array([(1 if c < 128 else -1) * min(c, 256 - c) ** 2 / 16129 for c in range(256)], "<f4")
 
@@ -115,8 +134,24 @@ class Blockwise8BitCompression(Codec):
     def _n_blocks(self, numel: int) -> int:
         return -(-numel // self.block_size)
 
-    def encode(self, flat: torch.Tensor) -> bytes:
+    def encode(self, flat: torch.Tensor) -> bytes | bytearray:
         flat = _as_flat_fp32(flat)
+        native = sqblock()
+        if native is not None:
+            return self._encode_native(native, flat)
+        return self._encode_torch(flat)
+
+    def _encode_native(self, native, flat: torch.Tensor) -> bytearray:
+        numel, bs = flat.numel(), self.block_size
+        n_blocks = self._n_blocks(numel)
+        out = bytearray(self.encoded_size(numel))  # the payload itself: no intermediate buffers
+        self._HEADER.pack_into(out, 0, bs)
+        absmax = np.frombuffer(out, dtype="<f4", count=n_blocks, offset=self._HEADER.size)
+        codes = np.frombuffer(out, dtype=np.int8, count=numel, offset=self._HEADER.size + 4 * n_blocks)
+        native.sqblock_encode(flat.data_ptr(), numel, bs, absmax.ctypes.data, codes.ctypes.data)
+        return out
+
+    def _encode_torch(self, flat: torch.Tensor) -> bytes:
         numel, bs = flat.numel(), self.block_size
         n_blocks = self._n_blocks(numel)
         padded = torch.zeros(n_blocks * bs, dtype=torch.float32)
@@ -126,6 +161,12 @@ class Blockwise8BitCompression(Codec):
         absmax = magnitude.amax(dim=1)
         # A block of zeros has absmax 0: divide by 1 instead, its codes are 0 anyway.
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        # 16129 / absmax overflows for absmax below about 5e-35: compute such blocks scaled up by 2^64 (exact).
+        tiny = safe < self._TINY
+        if bool(tiny.any()):
+            up = torch.where(tiny, torch.full_like(safe, 2.0**64), torch.ones_like(safe))
+            magnitude.mul_(up[:, None])
+            safe = safe * up
         # round(127 * sqrt(|x| / absmax)) as round(sqrt(|x| * 127^2 / absmax)), in place: few passes over memory.
         magnitude.mul_((16129.0 / safe)[:, None]).sqrt_().round_().clamp_(max=127)
         codes = magnitude.copysign_(blocks).to(torch.int8)
@@ -138,6 +179,10 @@ class Blockwise8BitCompression(Codec):
         )
 
     def decode(self, payload, numel: int) -> torch.Tensor:
+        return self.decode_into(payload, torch.empty(numel, dtype=torch.float32))
+
+    def decode_into(self, payload, out: torch.Tensor, native: bool = True) -> torch.Tensor:
+        numel = out.numel()
         expected = self.encoded_size(numel)
         if len(payload) != expected:
             raise CodecError(f"int8 payload has {len(payload)} bytes, expected {expected}")
@@ -152,12 +197,18 @@ class Blockwise8BitCompression(Codec):
         if not np.isfinite(absmax).all() or (absmax < 0).any():
             raise CodecError("int8 payload carries a non-finite or negative scale")
         # One lookup (sign folded into the table, indexed by the code's byte) and one multiply per value.
-        out = self._SIGNED_LEVELS[codes.view(np.uint8)]
+        lib = sqblock() if native else None
+        if lib is not None:
+            levels = self._SIGNED_LEVELS
+            lib.sqblock_decode(codes.ctypes.data, absmax.ctypes.data, numel, bs, levels.ctypes.data, out.data_ptr())
+            return out
+        values = out.numpy()
+        np.take(self._SIGNED_LEVELS, codes.view(np.uint8), out=values)
         full = (numel // bs) * bs
-        out[:full].reshape(-1, bs)[...] *= absmax[: numel // bs, None]
+        values[:full].reshape(-1, bs)[...] *= absmax[: numel // bs, None]
         if full < numel:
-            out[full:] *= absmax[-1]
-        return torch.from_numpy(out)
+            values[full:] *= absmax[-1]
+        return out
 
     def encoded_size(self, numel: int) -> int:
         return self._HEADER.size + 4 * self._n_blocks(numel) + numel

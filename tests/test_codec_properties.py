@@ -72,3 +72,36 @@ def test_huge_and_tiny_magnitudes():
     y = CODEC.decode(CODEC.encode(x), x.numel())
     assert bool(torch.isfinite(y).all())
     assert float(y[0]) == pytest.approx(3.0e38, rel=1e-6) and float(y[1]) == pytest.approx(-3.0e38, rel=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_the_native_codec_is_built_on_a_machine_with_a_compiler():
+    import shutil
+
+    from swarm.native import sqblock
+
+    assert shutil.which("cc") or shutil.which("gcc")
+    assert sqblock() is not None
+
+
+@pytest.mark.timeout(120)
+@SETTINGS
+@given(arrays(np.float32, st.integers(0, 1300), elements=st.floats(width=32)))
+def test_native_and_torch_codecs_agree(values):
+    """Same scales, codes at most one level apart (ties), and bit-identical decoding of the same bytes."""
+    x = torch.from_numpy(values.copy())
+    native, reference = bytes(CODEC.encode(x)), CODEC._encode_torch(x)
+    n_blocks = -(-x.numel() // 256)
+    scales = [np.frombuffer(p, "<f4", count=n_blocks, offset=4) for p in (native, reference)]
+    assert np.array_equal(scales[0], scales[1], equal_nan=True)
+    codes = [np.frombuffer(p, np.int8, offset=4 + 4 * n_blocks).astype(int) for p in (native, reference)]
+    finite = np.repeat(np.isfinite(scales[0]), 256)[: x.numel()]
+    assert np.abs(codes[0] - codes[1])[finite].max(initial=0) <= 1
+    for payload in (native, reference):
+        try:
+            fast = CODEC.decode(payload, x.numel())
+        except CodecError:
+            assert not np.isfinite(values).all()
+            continue
+        slow = CODEC.decode_into(payload, torch.empty(x.numel()), native=False)
+        assert torch.equal(fast, slow)

@@ -1,0 +1,57 @@
+/* The int8-sqblock codec (swarm/codec.py) in one pass over memory per block.
+ *
+ * Same arithmetic as the torch reference, operation for operation, so both produce the same bytes:
+ *   up     = 2^64 if absmax < 1e-30 else 1   (keeps 16129 / absmax finite for tiny blocks)
+ *   factor = (1 / (absmax * up)) * 16129     (torch evaluates 16129 / t as t.reciprocal() * 16129)
+ *   code   = copysign(min(rint(sqrt((|x| * up) * factor)), 127), x)
+ *   value  = level[code] * absmax             (decode: a table lookup and one multiply)
+ * Built with -ffp-contract=off and without -ffast-math: no fused multiply-add, no reassociation, IEEE results.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define TINY 1e-30f
+
+/* Round half to even for 0 <= v < 2^22 in the default rounding mode, without a libm call (vectorizes). */
+static inline float round_even(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic;
+}
+
+void sqblock_encode(const float *x, int64_t n, int32_t block, float *absmax_out, int8_t *codes) {
+    int64_t n_blocks = (n + block - 1) / block;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t lo = b * block, hi = lo + block < n ? lo + block : n;
+        float m = 0.0f;
+        int nan = 0;
+        for (int64_t i = lo; i < hi; i++) {
+            float a = fabsf(x[i]);
+            m = a > m ? a : m;
+            nan |= a != a;
+        }
+        /* Like torch's amax, a NaN makes the block's scale NaN: decoders refuse such a payload. */
+        absmax_out[b] = nan ? NAN : m;
+        float safe = m > 0.0f ? m : 1.0f;
+        /* 16129 / absmax overflows for absmax below about 5e-35: such blocks are computed scaled up by 2^64, which
+         * is exact in binary floating point and leaves the ratio |x| / absmax as it is. */
+        float up = safe < TINY ? 18446744073709551616.0f : 1.0f;
+        float factor = (1.0f / (safe * up)) * 16129.0f;
+        for (int64_t i = lo; i < hi; i++) {
+            float q = round_even(sqrtf((fabsf(x[i]) * up) * factor));
+            q = q < 127.0f ? q : 127.0f;
+            codes[i] = (int8_t)(x[i] < 0.0f ? -q : q);
+        }
+    }
+}
+
+void sqblock_decode(const int8_t *codes, const float *absmax, int64_t n, int32_t block, const float *levels,
+                    float *out) {
+    int64_t n_blocks = (n + block - 1) / block;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t lo = b * block, hi = lo + block < n ? lo + block : n;
+        float scale = absmax[b];
+        for (int64_t i = lo; i < hi; i++) {
+            out[i] = levels[(uint8_t)codes[i]] * scale;
+        }
+    }
+}
