@@ -439,12 +439,7 @@ class Averager:
     async def _reduce(self, rnd: _Round) -> None:
         try:
             await rnd.complete.wait()
-            order = sorted(rnd.contributions)
-            total = sum(rnd.contributions[i][0] for i in order)
-            acc = torch.zeros(rnd.part_numel, dtype=torch.float32)
-            for i in order:  # fixed order: the same float sums on any machine
-                w, values = rnd.contributions[i]
-                acc.add_(values, alpha=w / total)
+            acc = await _maybe_in_thread(self._weighted_mean, rnd.contributions, torch.empty(rnd.part_numel))
             payload = await _maybe_in_thread(self.codec.encode, acc)
             if not rnd.result.done():
                 rnd.result.set_result(payload)
@@ -452,6 +447,21 @@ class Averager:
             raise
         except Exception as e:
             rnd.fail(f"reduction failed: {e!r}")
+
+    def _weighted_mean(self, contributions: dict, acc: torch.Tensor) -> torch.Tensor:
+        """Σ w_i x_i / Σ w_i in member order (the same float sums on any machine with the same kernels).
+
+        A contribution is a decoded tensor, or a payload the codec checked and adds straight from its bytes."""
+        order = sorted(contributions)
+        total = sum(contributions[i][0] for i in order)
+        acc.zero_()
+        for i in order:
+            weight, values = contributions[i]
+            if isinstance(values, torch.Tensor):
+                acc.add_(values, alpha=weight / total)
+            else:
+                self.codec.accumulate(values, acc, weight / total)
+        return acc
 
     # ---- serving other members: contributions to our part, and averaged parts they missed ------------------------
 
@@ -528,10 +538,9 @@ class Averager:
             if numel != rnd.part_numel:
                 raise ProtocolError(f"part has {numel} values, expected {rnd.part_numel}")
             rnd.counter.received += nbytes
-            values = await _maybe_in_thread(self.codec.decode, payload, numel)
-            if not _all_finite(values):
-                raise ProtocolError("contribution holds NaN or inf")
-            rnd.add(sender, weight, values)
+            # Checked before it counts; codecs that can check without decoding keep the bytes until the reduction.
+            values = await _maybe_in_thread(self.codec.check_finite, payload, numel)
+            rnd.add(sender, weight, payload if values is None else values)
             averaged = await asyncio.wait_for(asyncio.shield(rnd.result), self.timeout_seconds)
             try:
                 await write_frame(writer, {"type": "averaged"}, averaged, rnd.counter)

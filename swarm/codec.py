@@ -11,6 +11,7 @@ differently never meet in a group.
 from __future__ import annotations
 
 import abc
+import math
 import struct
 
 import numpy as np
@@ -46,6 +47,22 @@ class Codec(abc.ABC):
         """Decode into `out` (1-d, contiguous float32, e.g. a slice of a larger vector) and return it."""
         out.copy_(self.decode(payload, out.numel()))
         return out
+
+    def check_finite(self, payload: bytes | memoryview, numel: int) -> torch.Tensor | None:
+        """Raise CodecError unless the payload decodes to `numel` finite values.
+
+        Returns the decoded values when checking needed them anyway, or None when the payload could be checked
+        without decoding it (then `accumulate` reads it straight from the bytes)."""
+        values = self.decode(payload, numel)
+        if values.numel():
+            low, high = torch.aminmax(values)  # one pass: both are finite iff every value is (NaN propagates)
+            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+                raise CodecError("payload holds NaN or inf")
+        return values
+
+    def accumulate(self, payload: bytes | memoryview, acc: torch.Tensor, alpha: float) -> None:
+        """acc += alpha * decode(payload)."""
+        acc.add_(self.decode(payload, acc.numel()), alpha=alpha)
 
     @abc.abstractmethod
     def encoded_size(self, numel: int) -> int:
@@ -123,7 +140,7 @@ class Blockwise8BitCompression(Codec):
     name, version = "int8-sqblock", 1
     _HEADER = struct.Struct("<I")
     _TINY = 1e-30
-    # Code byte b (as uint8) -> signed level; -128, never produced, decodes to -(128/127)^2.
+    # Code byte b (as uint8) -> signed level; -128 is never produced, and refused when received.
     _SIGNED_LEVELS = np.array([(1 if c < 128 else -1) * min(c, 256 - c) ** 2 / 16129 for c in range(256)], "<f4")
 
     def __init__(self, block_size: int = 256):
@@ -181,8 +198,25 @@ class Blockwise8BitCompression(Codec):
     def decode(self, payload, numel: int) -> torch.Tensor:
         return self.decode_into(payload, torch.empty(numel, dtype=torch.float32))
 
-    def decode_into(self, payload, out: torch.Tensor, native: bool = True) -> torch.Tensor:
-        numel = out.numel()
+    def check_finite(self, payload, numel: int) -> torch.Tensor | None:
+        if sqblock() is None:
+            return super().check_finite(payload, numel)
+        self._parts(payload, numel)  # every level times a finite scale below the bound is finite: no decoding
+        return None
+
+    def accumulate(self, payload, acc: torch.Tensor, alpha: float) -> None:
+        lib = sqblock()
+        if lib is None:
+            super().accumulate(payload, acc, alpha)
+            return
+        bs, absmax, codes = self._parts(payload, acc.numel())
+        levels = self._SIGNED_LEVELS
+        lib.sqblock_accumulate(codes.ctypes.data, absmax.ctypes.data, acc.numel(), bs, levels.ctypes.data, alpha,
+                               acc.data_ptr())  # fmt: skip
+
+    def _parts(self, payload, numel: int):
+        """(block size, scales, codes) of a payload, checked: right size and block size, finite scales, codes in
+        -127..127 (so that it decodes to finite values)."""
         expected = self.encoded_size(numel)
         if len(payload) != expected:
             raise CodecError(f"int8 payload has {len(payload)} bytes, expected {expected}")
@@ -196,6 +230,15 @@ class Blockwise8BitCompression(Codec):
         absmax = absmax.astype(np.float32)
         if not np.isfinite(absmax).all() or (absmax < 0).any():
             raise CodecError("int8 payload carries a non-finite or negative scale")
+        if numel and int(codes.min()) == -128:
+            # Never produced (codes are -127..127): refused, so every level is at most 1 in magnitude and any finite
+            # scale decodes to finite values; the payload can be trusted without decoding it.
+            raise CodecError("int8 payload holds code -128")
+        return bs, absmax, codes
+
+    def decode_into(self, payload, out: torch.Tensor, native: bool = True) -> torch.Tensor:
+        numel = out.numel()
+        bs, absmax, codes = self._parts(payload, numel)
         # One lookup (sign folded into the table, indexed by the code's byte) and one multiply per value.
         lib = sqblock() if native else None
         if lib is not None:

@@ -60,7 +60,7 @@ def _build(compiler: str, target: str) -> None:
 
 
 def sqblock() -> ctypes.CDLL | None:
-    """The native int8-sqblock kernels (sqblock_encode, sqblock_decode), or None where they cannot be had."""
+    """The native int8-sqblock kernels (encode, decode, accumulate), or None where they cannot be had."""
     with _lock:
         if "sqblock" in _loaded:
             return _loaded["sqblock"]
@@ -91,4 +91,6 @@ def _load() -> ctypes.CDLL:
     lib.sqblock_encode.restype = None
     lib.sqblock_decode.argtypes = [ptr, ptr, i64, i32, ptr, ptr]
     lib.sqblock_decode.restype = None
+    lib.sqblock_accumulate.argtypes = [ptr, ptr, i64, i32, ptr, ctypes.c_float, ptr]
+    lib.sqblock_accumulate.restype = None
     return lib

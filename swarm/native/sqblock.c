@@ -55,3 +55,16 @@ void sqblock_decode(const int8_t *codes, const float *absmax, int64_t n, int32_t
         }
     }
 }
+
+/* acc += alpha * decode(codes): the reducer's weighted sum, with no decoded copy of the contribution. */
+void sqblock_accumulate(const int8_t *codes, const float *absmax, int64_t n, int32_t block, const float *levels,
+                        float alpha, float *acc) {
+    int64_t n_blocks = (n + block - 1) / block;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t lo = b * block, hi = lo + block < n ? lo + block : n;
+        float scale = absmax[b];
+        for (int64_t i = lo; i < hi; i++) {
+            acc[i] = acc[i] + alpha * (levels[(uint8_t)codes[i]] * scale);
+        }
+    }
+}
