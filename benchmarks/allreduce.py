@@ -101,6 +101,7 @@ def swarm_worker(rank, peers, numel, rounds, maddrs, system, barrier, out):
         averager = Averager(node, run, make_codec(codec_name), timeout_seconds=600, direct=plane != "relayed")
         await averager.start()
         matchmaker.direct_endpoints = averager.direct_endpoints
+        matchmaker.direct_key = averager.direct_public_key()
         await matchmaker.start()
         x = _tensor(numel, rank)
         times, sent = [], []

@@ -36,7 +36,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 
 from swarm import direct, records
 from swarm.codec import Codec, CodecError
-from swarm.direct import HELLO_TIMEOUT, DirectServer
+from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
@@ -157,9 +157,14 @@ class Averager:
         self._protocol = f"swarm/{run_id}/reduce/1"
         self._rounds: dict[bytes, _Round] = {}
         self._direct = DirectServer(self._handle_direct) if direct else None
+        self.direct_key = DirectKey()
         self.streams = {"direct": 0, "relayed": 0}
-        self._unreachable: set[PeerID] = set()
         """Contributions this member sent over each data plane (direct TCP, or the p2p daemons' relayed streams)."""
+        self._unreachable: set[PeerID] = set()
+
+    def direct_public_key(self) -> bytes:
+        """What members need to authenticate our direct connections; empty without a direct data plane."""
+        return b"" if self._direct is None else self.direct_key.public
 
     @property
     def direct_endpoints(self) -> list[tuple[str, int]]:
@@ -422,14 +427,16 @@ class Averager:
         """A stream to member `index`: direct if it announced endpoints we can reach, else relayed by the daemons."""
         peer = group.peer_ids[index]
         endpoints = group.direct.get(peer)
-        if group.secret and endpoints and self._direct is not None and peer not in self._unreachable:
+        key = group.keys.get(peer)
+        if group.secret and endpoints and key and self._direct is not None and peer not in self._unreachable:
             try:
+                secret = self.direct_key.pair_secret(group.secret, key)
                 opened = await direct.connect(
-                    endpoints, group.group_id, group.my_index, index, group.secret, min(5.0, self.timeout_seconds)
+                    endpoints, group.group_id, group.my_index, index, secret, min(5.0, self.timeout_seconds)
                 )
                 self.streams["direct"] += 1
                 return opened
-            except (ConnectionError, OSError) as e:
+            except (ConnectionError, OSError, ValueError) as e:  # ValueError: a key no secret can be made with
                 self._unreachable.add(peer)  # behind a NAT or a firewall: no use trying every round
                 logger.info(f"cannot reach {peer} directly ({e}); its all-reduce bytes go through the p2p daemons")
         _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
@@ -473,7 +480,15 @@ class Averager:
         group = rnd.group
         if not group.secret or not 0 <= sender < group.size or sender == group.my_index:
             raise ProtocolError(f"no direct data plane in group {group_id.hex()} for member {sender}")
-        if not hmac.compare_digest(mac, direct.group_mac(group.secret, group_id, sender, group.my_index)):
+        key = group.keys.get(group.peer_ids[sender])
+        if not key:
+            raise ProtocolError(f"member {sender} of group {group_id.hex()} announced no direct key")
+        # Only that member and we can compute this secret: the connection proves who opened it.
+        try:
+            secret = self.direct_key.pair_secret(group.secret, key)
+        except ValueError as e:
+            raise ProtocolError(f"member {sender} announced an unusable direct key: {e}") from None
+        if not hmac.compare_digest(mac, direct.group_mac(secret, group_id, sender, group.my_index)):
             raise ProtocolError(f"direct connection for group {group_id.hex()} failed authentication")
         await write_frame(writer, {"type": "welcome"})
         await self._serve(group.peer_ids[sender], reader, writer)

@@ -158,6 +158,7 @@ class Swarm:
         self.matchmaker.set_outer_step(outer_step)
         await self.averager.start()
         self.matchmaker.direct_endpoints = self.averager.direct_endpoints
+        self.matchmaker.direct_key = self.averager.direct_public_key()
         await self.state_server.start()
         await self.matchmaker.start()
         return self

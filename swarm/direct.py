@@ -37,6 +37,30 @@ HELLO_TIMEOUT = 10.0
 WELCOME_TIMEOUT = 2.0
 
 
+class DirectKey:
+    """This averager's X25519 key pair for the direct data plane.
+
+    A member announces the public half in its join request, over the libp2p stream that authenticates it by its
+    peer id, and the leader hands every member all the group's public halves. Two members then share a secret that
+    nobody else can compute, not even the other members: a direct connection proves which member opened it.
+    """
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes_raw()
+
+    def pair_secret(self, group_secret: bytes, their_public: bytes) -> bytes:
+        """The key for connections between us and the member that announced `their_public`, in one group only."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+        if not isinstance(their_public, bytes) or len(their_public) != 32:
+            raise ValueError("a direct key is 32 bytes")
+        shared = self._private.exchange(X25519PublicKey.from_public_bytes(their_public))
+        return hmac.new(group_secret, b"swarm-direct-pair\0" + shared, hashlib.sha256).digest()
+
+
 def group_mac(secret: bytes, group_id: bytes, sender: int, receiver: int) -> bytes:
     message = group_id + sender.to_bytes(4, "big") + receiver.to_bytes(4, "big")
     return hmac.new(secret, message, hashlib.sha256).digest()

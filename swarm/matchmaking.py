@@ -13,9 +13,9 @@ Join protocol (one binary stream per join, frames from `swarm.wire`):
                        "about": setup in words, "shards": [[id, endpoints], ...]}
   leader -> follower: {"type": "accepted"} | {"type": "rejected", "reason": r} | {"type": "redirect", "leader": id}
   once accepted: {"type": "begin", "group_id": b, "peers": [ids], "secret": 32 bytes, "direct": {id: endpoints},
-                  "shards": {id: [[id, endpoints], ...]}}
+                  "keys": {id: direct key}, "shards": {id: [[id, endpoints, key], ...]}}
                  | {"type": "redirect", ...} | {"type": "disband"}
-  ("direct" and "secret" set up the group's direct data plane: see swarm.direct; "shards" names the nodes of a
+  ("direct", "keys" and "secret" set up the group's direct data plane: see swarm.direct; "shards" names the nodes of a
    sharded peer's other workers, which average their shards in parallel: see swarm.sharded)
   leader -> peer it waits for: {"type": "ping"}
   peer -> leader: {"type": "pong", "step": its outer step, "looking": step it looks for a group for (-1: none),
@@ -87,7 +87,9 @@ class Group:
     direct: dict = field(default_factory=dict, repr=False, compare=False)
     """Peer id -> direct endpoints [(ip, port)] it announced; peers without any are reached through p2p only."""
     shards: dict = field(default_factory=dict, repr=False, compare=False)
-    """Peer id -> [(node id, endpoints)] of its workers 1..N-1, for peers sharded over N workers (swarm.sharded)."""
+    """Peer id -> [(node id, endpoints, key)] of its workers 1..N-1, for peers sharded over N workers."""
+    keys: dict = field(default_factory=dict, repr=False, compare=False)
+    """Peer id -> the X25519 public key it announced for direct connections (swarm.direct.DirectKey)."""
 
     @property
     def size(self) -> int:
@@ -109,37 +111,47 @@ class Group:
         tag = b"shard" + index.to_bytes(4, "big")
         group_id = hashlib.sha256(self.group_id + tag).digest()[:16]
         secret = hmac.new(self.secret, tag, hashlib.sha256).digest() if self.secret else b""
-        direct = {node: endpoints for node, endpoints in nodes if endpoints}
-        ids = tuple(node for node, _ in nodes)
+        direct = {node: endpoints for node, endpoints, _ in nodes if endpoints}
+        keys = {node: key for node, _, key in nodes if key}
+        ids = tuple(node for node, _, _ in nodes)
         if len(set(ids)) != len(ids):
             raise ProtocolError("members named the same worker node twice")
-        return Group(group_id, self.outer_step, ids, self.my_index, secret, direct)
+        return Group(group_id, self.outer_step, ids, self.my_index, secret, direct, keys=keys)
 
 
-def parse_shard_nodes(value) -> list[tuple[PeerID, list]]:
-    """[(node id, endpoints)] from a join request or begin message; malformed entries raise ProtocolError."""
+def parse_shard_nodes(value) -> list[tuple[PeerID, list, bytes]]:
+    """[(node id, endpoints, direct key)] from a join request or begin message; malformed entries raise
+    ProtocolError."""
     if not isinstance(value, list) or len(value) > 1024:
         raise ProtocolError("shards must be a list")
     out = []
     for item in value:
-        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
-            raise ProtocolError("each shard node is [peer id, endpoints]")
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str):
+            raise ProtocolError("each shard node is [peer id, endpoints, direct key]")
         try:
             node = PeerID.from_base58(item[0])
         except Exception as e:
             raise ProtocolError(f"bad shard node id {item[0]!r}") from e
-        out.append((node, parse_endpoints(item[1])))
+        out.append((node, parse_endpoints(item[1]), parse_key(item[2])))
     return out
 
 
+def parse_key(value) -> bytes:
+    """A direct key from a message: 32 bytes, or empty for a member without a direct data plane."""
+    if not isinstance(value, bytes) or len(value) not in (0, 32):
+        raise ProtocolError("a direct key is 32 bytes")
+    return value
+
+
 def _shard_nodes_value(nodes) -> list:
-    return [[node.to_base58(), [list(e) for e in endpoints]] for node, endpoints in nodes]
+    return [[node.to_base58(), [list(e) for e in endpoints], key] for node, endpoints, key in nodes]
 
 
 @dataclass
 class _Follower:
     deadline: float
     direct: list = field(default_factory=list)
+    key: bytes = b""
     shards: list = field(default_factory=list)
     outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -182,7 +194,9 @@ class Matchmaker:
         self._closing = False
         self.direct_endpoints: list[tuple[str, int]] = []
         """This peer's direct data-plane endpoints, announced when it joins a group (set by its averager)."""
-        self.shard_nodes: list[tuple[PeerID, list]] = []
+        self.direct_key: bytes = b""
+        """The public key that authenticates this peer's direct connections (set by its averager)."""
+        self.shard_nodes: list[tuple[PeerID, list, bytes]] = []
         """Nodes (and direct endpoints) of this peer's workers 1..N-1 when it is sharded over N workers."""
 
     @property
@@ -409,6 +423,9 @@ class Matchmaker:
         shards = {peer: follower.shards for peer, follower in state.followers.items() if follower.shards}
         if self.shard_nodes:
             shards[self.peer_id] = self.shard_nodes
+        keys = {peer: follower.key for peer, follower in state.followers.items() if follower.key}
+        if self.direct_key:
+            keys[self.peer_id] = self.direct_key
         message = {
             "type": "begin",
             "group_id": group_id,
@@ -416,11 +433,12 @@ class Matchmaker:
             "secret": secret,
             "direct": {p.to_base58(): [list(e) for e in endpoints] for p, endpoints in direct.items()},
             "shards": {p.to_base58(): _shard_nodes_value(nodes) for p, nodes in shards.items()},
+            "keys": {p.to_base58(): key for p, key in keys.items()},
         }
         state.closed = True
         self._release_followers(state, message)
         logger.debug(f"{self.peer_id} leads group {group_id.hex()} of {len(peers)} for step {state.outer_step}")
-        return Group(group_id, state.outer_step, tuple(peers), peers.index(self.peer_id), secret, direct, shards)
+        return Group(group_id, state.outer_step, tuple(peers), peers.index(self.peer_id), secret, direct, shards, keys)
 
     def _release_followers(self, state: _Looking, message: dict) -> None:
         for follower in state.followers.values():
@@ -445,6 +463,7 @@ class Matchmaker:
                 return None, None
             request = {"type": "join", "step": state.outer_step, "schema": self.schema, "deadline": state.deadline}
             request["direct"] = [list(e) for e in self.direct_endpoints]
+            request["direct_key"] = self.direct_key
             request["about"] = self.about
             if self.shard_nodes:
                 request["shards"] = _shard_nodes_value(self.shard_nodes)
@@ -494,6 +513,12 @@ class Matchmaker:
                     direct[peer_id] = parse_endpoints(endpoints)
         else:
             secret = b""  # an older leader or a malformed offer: the relayed streams work without it
+        keys = {}
+        if secret and isinstance(reply.get("keys"), dict):
+            for peer, key in reply["keys"].items():
+                peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else None
+                if peer_id in peers:
+                    keys[peer_id] = parse_key(key)
         shards = {}
         offered = reply.get("shards", {})
         if isinstance(offered, dict):
@@ -501,7 +526,7 @@ class Matchmaker:
                 peer_id = PeerID.from_base58(peer) if isinstance(peer, str) else None
                 if peer_id in peers:
                     shards[peer_id] = parse_shard_nodes(nodes)
-        return Group(group_id, state.outer_step, peers, peers.index(self.peer_id), secret, direct, shards)
+        return Group(group_id, state.outer_step, peers, peers.index(self.peer_id), secret, direct, shards, keys)
 
     # ---- serving join requests ------------------------------------------------------------------------------------
 
@@ -551,6 +576,7 @@ class Matchmaker:
             follower = _Follower(
                 deadline=deadline,
                 direct=parse_endpoints(request.get("direct", [])),
+                key=parse_key(request.get("direct_key", b"")),
                 shards=parse_shard_nodes(request.get("shards", [])),
             )
             state.followers[peer] = follower

@@ -76,9 +76,10 @@ class ShardedSwarm:
         swarm = await Swarm.create(node, params, shard_config, layout=layout)
         self = cls(swarm, local)
         # Worker 0 names the other workers' nodes when it joins a group, so members know where each shard goes.
-        nodes = await local.all_gather((node.peer_id.to_base58(), swarm.averager.direct_endpoints))
+        me = (node.peer_id.to_base58(), swarm.averager.direct_endpoints, swarm.averager.direct_public_key())
+        nodes = await local.all_gather(me)
         if local.rank == 0:
-            swarm.matchmaker.shard_nodes = [(PeerID.from_base58(b), list(eps)) for b, eps in nodes[1:]]
+            swarm.matchmaker.shard_nodes = [(PeerID.from_base58(b), list(eps), key) for b, eps, key in nodes[1:]]
         return self
 
     async def close(self) -> None:

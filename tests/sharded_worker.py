@@ -63,6 +63,7 @@ async def train(args, model: torch.nn.Module, local: LocalGroup) -> None:
             if local.rank == 0:
                 record = {"local": before, "after": after, "status": report.status.value, "theta": theta}
                 record["group_size"] = report.group_size
+                record["streams"] = dict(swarm.swarm.averager.streams)
                 torch.save(record, os.path.join(args.out, f"peer{args.peer}-step{step}.pt"))
     finally:
         await swarm.close()

@@ -68,15 +68,28 @@ async def test_a_member_without_a_reachable_endpoint_is_reached_through_the_daem
 
 
 @pytest.mark.timeout(60)
-async def test_direct_connection_without_the_groups_secret_is_refused():
-    async with swarm_of(2) as (_, nodes):
+async def test_direct_connection_without_its_pairs_secret_is_refused():
+    """Refused: a made-up MAC, a MAC under another group's secret, and a member of the group that knows the group's
+    secret but claims to be another member (it cannot compute that member's pair secret)."""
+    async with swarm_of(3) as (_, nodes):
         async with running_swarms(nodes, make_params(), lambda i: config()) as swarms:
             averager = swarms[0].averager
-            group = Group(b"g" * 16, 0, (nodes[0].peer_id, nodes[1].peer_id), 0, secret=b"s" * 32)
+            keys = {node.peer_id: s.averager.direct_public_key() for node, s in zip(nodes, swarms)}
+            members = tuple(node.peer_id for node in nodes)
+            group = Group(b"g" * 16, 0, members, 0, secret=b"s" * 32, keys=keys)
             rnd = averager._round(group.group_id)
             rnd.group, rnd.part_numel = group, 4
             rnd.configured.set()
-            for mac in (b"x" * 32, group_mac(b"t" * 32, group.group_id, 1, 0)):
+            impostor = swarms[2].averager.direct_key.pair_secret(group.secret, keys[nodes[0].peer_id])
+            genuine = swarms[1].averager.direct_key.pair_secret(group.secret, keys[nodes[0].peer_id])
+            assert genuine != impostor
+            assert averager.direct_key.pair_secret(group.secret, keys[nodes[1].peer_id]) == genuine
+            for mac in (
+                b"x" * 32,
+                group_mac(b"t" * 32, group.group_id, 1, 0),
+                group_mac(group.secret, group.group_id, 1, 0),
+                group_mac(impostor, group.group_id, 1, 0),
+            ):
                 reader, writer = await asyncio.open_connection(*averager.direct_endpoints[0])
                 await write_frame(writer, {"type": "hello", "group_id": group.group_id, "sender": 1, "mac": mac})
                 header = {"type": "part", "group_id": group.group_id, "sender": 1, "weight": 1.0, "numel": 4,

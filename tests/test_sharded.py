@@ -79,6 +79,8 @@ def test_two_sharded_peers_equal_the_reference_diloco(tmp_path):
         got = [torch.load(f"{out}/peer{p}-step{step}.pt") for p in range(2)]
         assert [g["status"] for g in got] == ["averaged", "averaged"]
         assert [g["group_size"] for g in got] == [2, 2]
+        # Worker 0's shard went over a direct connection authenticated by its pair key, not through the daemons.
+        assert all(g["streams"]["relayed"] == 0 and g["streams"]["direct"] > 0 for g in got)
         assert all(torch.equal(a, b) for a, b in zip(got[0]["after"], got[1]["after"], strict=True))
         deltas = [[t - mine for t, mine in zip(outer.params, g["local"], strict=True)] for g in got]
         mean = []
@@ -268,18 +270,23 @@ def test_shard_groups_derive_from_the_peer_group():
     from hivemind.p2p import PeerID
 
     ids = [PeerID(os.urandom(34)) for _ in range(4)]  # two peers, each with a second worker's node
-    group = Group(b"g" * 16, 5, (ids[0], ids[1]), 1, b"s" * 32, {}, {ids[0]: [(ids[2], [])], ids[1]: [(ids[3], [])]})
+    shards = {ids[0]: [(ids[2], [], b"k" * 32)], ids[1]: [(ids[3], [("127.0.0.1", 9)], b"")]}
+    group = Group(b"g" * 16, 5, (ids[0], ids[1]), 1, b"s" * 32, {}, shards)
     shard = group.for_shard(1)
     assert shard.peer_ids == (ids[2], ids[3]) and shard.my_index == 1 and shard.outer_step == 5
+    assert shard.keys == {ids[2]: b"k" * 32} and shard.direct == {ids[3]: [("127.0.0.1", 9)]}
     assert shard.group_id != group.group_id and shard.secret not in (b"", group.secret)
     assert group.for_shard(0) is group
     with pytest.raises(ProtocolError, match="not sharded like us"):
-        Group(b"g" * 16, 5, (ids[0], ids[1]), 0, b"", {}, {ids[0]: [(ids[2], [])]}).for_shard(1)
+        Group(b"g" * 16, 5, (ids[0], ids[1]), 0, b"", {}, {ids[0]: [(ids[2], [], b"")]}).for_shard(1)
     with pytest.raises(ProtocolError):
-        parse_shard_nodes([["not-a-peer-id", []]])
+        parse_shard_nodes([["not-a-peer-id", [], b""]])
+    with pytest.raises(ProtocolError):
+        parse_shard_nodes([[ids[2].to_base58(), [], b"short"]])
     with pytest.raises(ProtocolError):
         parse_shard_nodes({"a": 1})
-    assert parse_shard_nodes([[ids[2].to_base58(), [["127.0.0.1", 5000]]]]) == [(ids[2], [("127.0.0.1", 5000)])]
+    parsed = parse_shard_nodes([[ids[2].to_base58(), [["127.0.0.1", 5000]], b"k" * 32]])
+    assert parsed == [(ids[2], [("127.0.0.1", 5000)], b"k" * 32)]
 
 
 @pytest.mark.timeout(30)
