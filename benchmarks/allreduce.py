@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import queue
 import socket
 import statistics
 import sys
@@ -104,13 +105,15 @@ def swarm_worker(rank, peers, numel, rounds, maddrs, system, barrier, out):
         matchmaker.direct_key = averager.direct_public_key()
         await matchmaker.start()
         x = _tensor(numel, rank)
+        average = torch.empty(numel)
         times, sent = [], []
         for step in range(rounds + 1):
             group = await matchmaker.form_group(step)
             assert group is not None and group.size == peers, group
             await asyncio.to_thread(barrier.wait)
             started = time.perf_counter()
-            result = await averager.all_reduce(group, x, 1.0)
+            # The same output vector every round, as swarm.Swarm passes it (and as gloo reduces in place).
+            result = await averager.all_reduce(group, x, 1.0, out=average)
             times.append(time.perf_counter() - started)
             sent.append(result.bytes_sent)
             matchmaker.set_outer_step(step + 1)
@@ -128,7 +131,17 @@ def run_workers(target, peers, args) -> tuple[float, float]:
     procs = [ctx.Process(target=target, args=(rank, peers, *args, barrier, out)) for rank in range(peers)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=900) for _ in procs]
+    results = []
+    deadline = time.monotonic() + 900
+    while len(results) < peers:
+        try:
+            results.append(out.get(timeout=5))
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a worker failed (exit codes {failed}) or timed out; see above") from None
     for p in procs:
         p.join(60)
     # A round takes as long as its slowest member.

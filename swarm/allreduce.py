@@ -210,7 +210,12 @@ class Averager:
     # ---- the member's side ----------------------------------------------------------------------------------------
 
     async def all_reduce(
-        self, group: Group, flat: torch.Tensor, weight: float, residual: torch.Tensor | None = None
+        self,
+        group: Group,
+        flat: torch.Tensor,
+        weight: float,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> AllReduceResult:
         """Weighted mean of `flat` across `group`, identical on every member. Raises AllReduceError.
 
@@ -220,12 +225,22 @@ class Averager:
 
         If `residual` (same size as `flat`) is given, it receives what the codec lost of our contribution:
         `flat` minus what the reducers decoded. Error feedback adds it to the next step's contribution.
+
+        The average is written into `out` when given (same size as `flat`, not `flat` itself), else into a new
+        tensor. A caller that averages every outer step saves the page faults of a fresh vector by passing the same
+        buffer each time, as gloo's in-place all-reduce does.
         """
         if group.size < 2:
             raise ValueError("an all-reduce needs at least two members")
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be finite and positive, got {weight}")
         flat = flat.detach().to(torch.float32).reshape(-1).contiguous()
+        if out is not None and (
+            out.numel() != flat.numel() or out.dtype != torch.float32 or not out.is_contiguous() or out.is_cpu is False
+        ):
+            raise ValueError("out must be a contiguous float32 CPU tensor of the contribution's size")
+        if out is not None and out.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+            raise ValueError("out must not share memory with the contribution: parts of it are still being sent")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_seconds
@@ -233,21 +248,23 @@ class Averager:
         rnd = self._round(group.group_id)
         lo, hi = bounds[group.my_index]
         rnd.group, rnd.part_numel, rnd.bounds = group, hi - lo, bounds
-        rnd.output = torch.empty(flat.numel(), dtype=torch.float32)
+        rnd.output = torch.empty(flat.numel(), dtype=torch.float32) if out is None else out.reshape(-1)
         rnd.configured.set()  # others may send us their parts (and open direct connections) from now on
+        tasks = {}
         try:
-            # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
-            own = await _maybe_in_thread(self._roundtrip, flat[lo:hi])
-            if residual is not None:
-                torch.sub(flat[lo:hi], own, out=residual[lo:hi])
-            rnd.add(group.my_index, float(weight), own)
-            rnd.reducer = asyncio.create_task(self._reduce(rnd))
-            tasks = {asyncio.create_task(self._own_result(rnd)): group.my_index}
+            # Contributions go out first: the other reducers wait for them, while our own part waits for theirs.
             for i, (a, b) in enumerate(bounds):
                 if i != group.my_index:
                     part_residual = None if residual is None else residual[a:b]
                     task = asyncio.create_task(self._exchange(group, i, rnd, flat[a:b], float(weight), part_residual))
                     tasks[task] = i
+            # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
+            own = await _maybe_in_thread(
+                self._own_contribution, flat[lo:hi], None if residual is None else residual[lo:hi]
+            )
+            rnd.add(group.my_index, float(weight), own)
+            rnd.reducer = asyncio.create_task(self._reduce(rnd))
+            tasks[asyncio.create_task(self._own_result(rnd))] = group.my_index
             lost, errors = await self._settle(rnd, tasks, deadline)
             missing = [i for i in range(group.size) if i not in rnd.values]
             recovered = 0
@@ -270,6 +287,9 @@ class Averager:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(rnd.all_served.wait(), max(0.0, deadline - loop.time()))
         finally:
+            for task in tasks:
+                if not task.done():  # only after an error before the exchanges settled
+                    task.cancel()
             rnd.settled.set()
             self._forget_later(group.group_id, rnd)
         averaged = rnd.output  # every part was decoded into its place: no concatenation
@@ -364,8 +384,14 @@ class Averager:
             logger.info(f"got {got} averaged parts of group {group.group_id.hex()} from other members")
         return got
 
-    def _roundtrip(self, part: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(self.codec.encode(part), part.numel())
+    def _own_contribution(self, part: torch.Tensor, residual: torch.Tensor | None):
+        """Our part as the reducer will add it: encoded bytes (added straight from them), or decoded values."""
+        payload = self.codec.encode(part)
+        if residual is not None:
+            self.codec.decode_into(payload, residual)
+            torch.sub(part, residual, out=residual)
+        values = self.codec.check_finite(payload, part.numel())
+        return payload if values is None else values
 
     async def _own_result(self, rnd: _Round) -> None:
         # Shielded: cancelling this task must not cancel the result that the handlers still serve to the others.
@@ -413,7 +439,7 @@ class Averager:
                 values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
             except CodecError as e:
                 raise _MemberLost(index, f"{peer} sent an averaged part we cannot decode: {e}") from e
-            if not _all_finite(values):
+            if not self.codec.decodes_finite and not _all_finite(values):
                 raise _MemberLost(index, f"{peer} sent back a non-finite average")
             rnd.payloads[index], rnd.values[index] = averaged, values
             # Acknowledge: the reducer may shut down once every member has its part, and not before. We hold the
@@ -446,7 +472,9 @@ class Averager:
     async def _reduce(self, rnd: _Round) -> None:
         try:
             await rnd.complete.wait()
-            acc = await _maybe_in_thread(self._weighted_mean, rnd.contributions, torch.empty(rnd.part_numel))
+            # The sum is built where our averaged part will land: it is encoded before anyone decodes over it.
+            lo, hi = rnd.bounds[rnd.group.my_index]
+            acc = await _maybe_in_thread(self._weighted_mean, rnd.contributions, rnd.output[lo:hi])
             payload = await _maybe_in_thread(self.codec.encode, acc)
             if not rnd.result.done():
                 rnd.result.set_result(payload)

@@ -29,6 +29,8 @@ class Codec(abc.ABC):
 
     name: str
     version: int
+    decodes_finite: bool = False
+    """Whether every payload that decodes without a CodecError decodes to finite values (no check needed)."""
 
     @property
     def tag(self) -> str:
@@ -138,6 +140,7 @@ class Blockwise8BitCompression(Codec):
     """
 
     name, version = "int8-sqblock", 1
+    decodes_finite = True  # finite scales, codes -127..127 (checked in _parts): finite values
     _HEADER = struct.Struct("<I")
     _TINY = 1e-30
     # Code byte b (as uint8) -> signed level; -128 is never produced, and refused when received.

@@ -148,6 +148,7 @@ class Swarm:
         self._state_version = 0  # bumped whenever θ or the momentum change
         self._snapshot_cache: tuple[tuple[int, int], RunState] | None = None
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
+        self._average: torch.Tensor | None = None  # see average_buffer
         self.state_server = StateServer(node, self.namespace, self.schema, self._snapshot)
 
     @classmethod
@@ -366,9 +367,11 @@ class Swarm:
                 return self._advance(StepStatus.ALONE, 1, started, attempts=attempt)
             attempt += 1
             try:
-                result = await self.averager.all_reduce(group, contribution, float(tokens), residual)
+                out = self.average_buffer(contribution.numel())
+                result = await self.averager.all_reduce(group, contribution, float(tokens), residual, out)
                 break
             except AllReduceError as e:
+                self._average = None  # a failed round's decoder threads may still write into it
                 if attempt > self.config.allreduce_retries:
                     error = f"outer step {step}: all-reduce with {group.size} peers failed ({e}); θ unchanged"
                     logger.warning(f"{error}, work carried into the next step")
@@ -394,6 +397,15 @@ class Swarm:
             group_id=group.group_id.hex(),
             attempts=attempt,
         )
+
+    def average_buffer(self, numel: int) -> torch.Tensor:
+        """Where all-reduces write the average: the same vector every step, so its pages are faulted in once.
+
+        It costs one float32 copy of this peer's θ in memory between steps, and spares the all-reduce touching
+        4 bytes of fresh memory per parameter each step (a third of its time on a 2-core machine)."""
+        if self._average is None or self._average.numel() != numel:
+            self._average = torch.empty(numel, dtype=torch.float32)
+        return self._average
 
     def _apply(self, flat_delta: torch.Tensor) -> None:
         self.outer.step(unflatten(flat_delta, self.params))

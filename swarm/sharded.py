@@ -219,9 +219,11 @@ class ShardedSwarm:
         except ProtocolError as e:
             return (False, [], str(e)), None, None
         try:
-            result = await self.swarm.averager.all_reduce(shard_group, contribution, weight, residual)
+            out = self.swarm.average_buffer(contribution.numel())
+            result = await self.swarm.averager.all_reduce(shard_group, contribution, weight, residual, out)
             return (True, [], ""), result, shard_group
         except AllReduceError as e:
+            self.swarm._average = None  # a failed round's decoder threads may still write into it
             lost = [shard_group.peer_ids.index(p) for p in e.suspects if p in shard_group.peer_ids]
             return (False, lost, str(e)), None, shard_group
 

@@ -265,3 +265,18 @@ async def test_a_peer_whose_parameters_drifted_resyncs_from_its_groups_majority(
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [3, 3, 3]
             assert len({r.params_sha256 for r in reports}) == 1
+
+
+@pytest.mark.timeout(60)
+async def test_all_reduce_refuses_an_output_buffer_it_cannot_write_safely():
+    from swarm.allreduce import Averager
+    from swarm.codec import make_codec
+    from swarm.matchmaking import Group
+
+    async with swarm_of(2) as (_, nodes):
+        averager = Averager(nodes[0], "out-check", make_codec("int8"), direct=False)
+        group = Group(b"g" * 16, 0, (nodes[0].peer_id, nodes[1].peer_id), 0)
+        flat = torch.ones(1000)
+        for bad in (flat, flat[:500], torch.ones(1000, dtype=torch.float64), torch.ones(2000)[::2]):
+            with pytest.raises(ValueError, match="out must"):
+                await averager.all_reduce(group, flat, 1.0, out=bad)
