@@ -89,6 +89,16 @@ class Peer:
             # The run is ahead of us (a newcomer, or a checkpoint older than the swarm): start from its θ.
             self._load_global_into_model()
             self._pending_tokens = 0
+        self._make_batches(data_position)
+        self.inner = self._make_inner_loop()
+        if self._restored_inner_state is not None:
+            self.inner.optimizer.load_state_dict(self._restored_inner_state)
+        if self.config.metrics_file:
+            self.metrics = MetricsWriter(self.config.metrics_file)
+        return await self.node.visible_maddrs()
+
+    def _make_batches(self, data_position: int) -> None:
+        # The data order mixes the run's seed with this node's id: every peer (and every worker) reads its own order.
         peer_salt = zlib.crc32(self.node.peer_id.to_bytes())
         self.batches = TokenBatcher(
             self.dataset,
@@ -98,12 +108,6 @@ class Peer:
             seed=self.config.seed * 1_000_003 + peer_salt,
             skip_batches=data_position,
         )
-        self.inner = self._make_inner_loop()
-        if self._restored_inner_state is not None:
-            self.inner.optimizer.load_state_dict(self._restored_inner_state)
-        if self.config.metrics_file:
-            self.metrics = MetricsWriter(self.config.metrics_file)
-        return await self.node.visible_maddrs()
 
     def _make_inner_loop(self) -> InnerLoop:
         autocast = torch.bfloat16 if self.config.precision == "bf16" else None

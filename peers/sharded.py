@@ -18,14 +18,12 @@ import asyncio
 import logging
 import math
 import re
-import zlib
 from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
 from peers.checkpoint import Checkpointer, CheckpointError
-from peers.data import TokenBatcher
 from peers.inner import InnerLoop, InnerResult
 from peers.metrics import MetricsWriter
 from peers.parallelize import local_shards, localize, optimizer_state_from_local, shard_model
@@ -136,17 +134,6 @@ class ShardedPeer(Peer):
                 return int(state.get("data_position", 0))
             logger.warning(f"the checkpoint of outer step {step} is not loadable on every worker; trying older ones")
         return 0
-
-    def _make_batches(self, data_position: int) -> None:
-        peer_salt = zlib.crc32(self.node.peer_id.to_bytes())  # every worker has its own node, so its own data order
-        self.batches = TokenBatcher(
-            self.dataset,
-            self.loaded.tokenizer,
-            self.config.batch_size,
-            self.config.seq_len,
-            seed=self.config.seed * 1_000_003 + peer_salt,
-            skip_batches=data_position,
-        )
 
     async def _train(self, bar: tqdm) -> None:
         while True:

@@ -236,7 +236,7 @@ class Averager:
             raise ValueError(f"weight must be finite and positive, got {weight}")
         flat = flat.detach().to(torch.float32).reshape(-1).contiguous()
         if out is not None and (
-            out.numel() != flat.numel() or out.dtype != torch.float32 or not out.is_contiguous() or out.is_cpu is False
+            out.numel() != flat.numel() or out.dtype != torch.float32 or not out.is_contiguous() or not out.is_cpu
         ):
             raise ValueError("out must be a contiguous float32 CPU tensor of the contribution's size")
         if out is not None and out.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():

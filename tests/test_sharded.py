@@ -20,37 +20,9 @@ from swarm import NodeConfig, records
 from swarm.matchmaking import Group, parse_shard_nodes
 from swarm.outer import OuterOptimizer
 from swarm.wire import ProtocolError
+from tests.test_programs import alive, children_of, free_port
 
 FAST = ["--inner-steps", "4", "--batch-size", "4", "--seq-len", "64"]
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_sharded_worker(peer: int, rank: int, port: int, bootstrap: str, out: str, steps: int, *extra: str):
@@ -154,7 +126,7 @@ def test_sharded_newcomer_takes_each_shard_from_the_run_and_averages(tmp_path):
         deadline = time.monotonic() + 120
         while len(read_metrics(f"{w}/m0.jsonl")) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
-        late = start_peer(w, "late", boot.maddrs, *common, "--outer-steps", "2", "--metrics-file", f"{w}/late.jsonl")
+        late = start_peer(w, "late", boot.maddrs, *common, "--outer-steps", "3", "--metrics-file", f"{w}/late.jsonl")
         peers.append(late)
         assert late.wait(150) == 0, open(f"{w}/late.log").read()[-3000:]
         mine = read_metrics(f"{w}/late.jsonl")
@@ -255,10 +227,10 @@ def test_peers_of_different_worker_layouts_are_refused_clearly(tmp_path):
 def test_launcher_stops_every_worker_when_one_fails():
     """A failing worker takes the peer down with its code; the others are not left waiting in a collective."""
     code = (
-        "import os, sys, time\n"
+        "import os, signal, sys, time\n"
         "if os.environ['SWARM_WORKER_RANK'] == '1':\n"
         "    time.sleep(0.5); sys.exit(3)\n"
-        "time.sleep(60)\n"
+        "signal.pause()  # until the launcher stops us\n"
     )
     started = time.monotonic()
     assert launch([], 2, command=[sys.executable, "-c", code]) == 3
