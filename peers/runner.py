@@ -145,11 +145,11 @@ class Peer:
                 self._save_checkpoint()
 
     async def _train(self, bar: tqdm) -> None:
-        while not self.stop_requested.is_set():
+        while not await self._stop_now():
             if self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps:
                 break
             bar.set_description(f"outer step {self.swarm.global_step + 1}")
-            result = await asyncio.to_thread(self._inner_loop, bar)
+            result = await self._combine(await asyncio.to_thread(self._inner_loop, bar))
             if result.interrupted:
                 # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
                 self._pending_tokens += result.tokens
@@ -158,6 +158,14 @@ class Peer:
             report = await self._outer_step(result)
             self._record(result, report, await self._step_facts(report))
             self.completed_steps += 1
+
+    async def _stop_now(self) -> bool:
+        """Whether to stop before the next outer step (a sharded peer's workers decide together)."""
+        return self.stop_requested.is_set()
+
+    async def _combine(self, result: InnerResult) -> InnerResult:
+        """The peer's inner-loop result from this process's (a sharded peer combines its workers')."""
+        return result
 
     def _progress_disabled(self) -> bool | None:
         return None if self.config.progress is None else not self.config.progress

@@ -21,7 +21,6 @@ import re
 from dataclasses import replace
 
 import torch
-from tqdm import tqdm
 
 from peers.checkpoint import Checkpointer, CheckpointError
 from peers.inner import InnerLoop, InnerResult
@@ -135,20 +134,8 @@ class ShardedPeer(Peer):
             logger.warning(f"the checkpoint of outer step {step} is not loadable on every worker; trying older ones")
         return 0
 
-    async def _train(self, bar: tqdm) -> None:
-        while True:
-            stop = await asyncio.to_thread(self.local.any_blocking, self.stop_requested.is_set())
-            if stop or (self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps):
-                break
-            bar.set_description(f"outer step {self.swarm.global_step + 1}")
-            result = await self._combine(await asyncio.to_thread(self._inner_loop, bar))
-            if result.interrupted:
-                self._pending_tokens += result.tokens
-                logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
-                break
-            report = await self._outer_step(result)
-            self._record(result, report, await self._step_facts(report))
-            self.completed_steps += 1
+    async def _stop_now(self) -> bool:
+        return await asyncio.to_thread(self.local.any_blocking, self.stop_requested.is_set())
 
     def _stop_flag(self):
         return _AgreedStop(self.local, self.stop_requested)
