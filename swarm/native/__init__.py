@@ -89,8 +89,8 @@ def _load() -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
     lib.sqblock_encode.argtypes = [ptr, i64, i32, ptr, ptr]
     lib.sqblock_encode.restype = None
-    lib.sqblock_decode.argtypes = [ptr, ptr, i64, i32, ptr, ptr]
+    lib.sqblock_decode.argtypes = [ptr, ptr, i64, i32, ptr]
     lib.sqblock_decode.restype = None
-    lib.sqblock_accumulate.argtypes = [ptr, ptr, i64, i32, ptr, ctypes.c_float, ptr]
+    lib.sqblock_accumulate.argtypes = [ptr, ptr, i64, i32, ctypes.c_float, ptr]
     lib.sqblock_accumulate.restype = None
     return lib

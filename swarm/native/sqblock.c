@@ -4,8 +4,13 @@
  *   up     = 2^64 if absmax < 1e-30 else 1   (keeps 16129 / absmax finite for tiny blocks)
  *   factor = (1 / (absmax * up)) * 16129     (torch evaluates 16129 / t as t.reciprocal() * 16129)
  *   code   = copysign(min(rint(sqrt((|x| * up) * factor)), 127), x)
- *   value  = level[code] * absmax             (decode: a table lookup and one multiply)
+ *   value  = level[code] * absmax             (decode: level[c] = c|c| / 16129 in float32, then one multiply)
  * Built with -ffp-contract=off and without -ffast-math: no fused multiply-add, no reassociation, IEEE results.
+ *
+ * Decoding computes the level instead of looking it up: c|c| is an exact float and IEEE division is correctly
+ * rounded, so (float)(c|c|) / 16129.0f is bit for bit the codec's table entry (k^2 / 16129 rounded once; a test
+ * checks all 256 codes). Unlike a table lookup, it vectorizes: decoding runs about twice, accumulating about three
+ * times as fast.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,32 +44,36 @@ void sqblock_encode(const float *x, int64_t n, int32_t block, float *absmax_out,
         for (int64_t i = lo; i < hi; i++) {
             float q = round_even(sqrtf((fabsf(x[i]) * up) * factor));
             q = q < 127.0f ? q : 127.0f;
-            codes[i] = (int8_t)(x[i] < 0.0f ? -q : q);
+            codes[i] = (int8_t)(int32_t)copysignf(q, x[i]);
         }
     }
 }
 
-void sqblock_decode(const int8_t *codes, const float *absmax, int64_t n, int32_t block, const float *levels,
-                    float *out) {
+static inline float level(int8_t code) {
+    int c = code;
+    return (float)(c * (c < 0 ? -c : c)) / 16129.0f;
+}
+
+void sqblock_decode(const int8_t *codes, const float *absmax, int64_t n, int32_t block, float *out) {
     int64_t n_blocks = (n + block - 1) / block;
     for (int64_t b = 0; b < n_blocks; b++) {
         int64_t lo = b * block, hi = lo + block < n ? lo + block : n;
         float scale = absmax[b];
         for (int64_t i = lo; i < hi; i++) {
-            out[i] = levels[(uint8_t)codes[i]] * scale;
+            out[i] = level(codes[i]) * scale;
         }
     }
 }
 
 /* acc += alpha * decode(codes): the reducer's weighted sum, with no decoded copy of the contribution. */
-void sqblock_accumulate(const int8_t *codes, const float *absmax, int64_t n, int32_t block, const float *levels,
-                        float alpha, float *acc) {
+void sqblock_accumulate(const int8_t *codes, const float *absmax, int64_t n, int32_t block, float alpha,
+                        float *acc) {
     int64_t n_blocks = (n + block - 1) / block;
     for (int64_t b = 0; b < n_blocks; b++) {
         int64_t lo = b * block, hi = lo + block < n ? lo + block : n;
         float scale = absmax[b];
         for (int64_t i = lo; i < hi; i++) {
-            acc[i] = acc[i] + alpha * (levels[(uint8_t)codes[i]] * scale);
+            acc[i] = acc[i] + alpha * (level(codes[i]) * scale);
         }
     }
 }
