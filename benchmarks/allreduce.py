@@ -9,8 +9,9 @@
 - gloo: `torch.distributed.all_reduce` in fp32, the data-parallel baseline.
 
 Each system runs in its own N processes; a barrier starts every round on all processes at once. Prints the median
-wall time of the all-reduce over the rounds (after one warm-up round), its ratio to gloo, and the bytes each swarm peer
-sent.
+wall time of the all-reduce over the rounds (after one warm-up round), its ratio to gloo, the bytes each swarm peer
+sent, and the CPU seconds one peer's all-reduce took (all its threads; on a shared machine the N peers' CPU together
+bounds the wall time from below).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import queue
+import resource
 import socket
 import statistics
 import sys
@@ -35,6 +37,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cpu() -> float:
+    """CPU seconds this process used so far, all its threads together."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _tensor(numel: int, rank: int):
     import torch
 
@@ -48,15 +56,16 @@ def gloo_worker(rank, peers, numel, rounds, port, barrier, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=peers)
     x = _tensor(numel, rank)
-    times = []
+    times, cpus = [], []
     for _ in range(rounds + 1):
         y = x.clone()
         barrier.wait()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu()
         dist.all_reduce(y)
         times.append(time.perf_counter() - started)
+        cpus.append(_cpu() - cpu)
     dist.destroy_process_group()
-    out.put((rank, times[1:], 0))
+    out.put((rank, times[1:], 0, cpus[1:]))
 
 
 def hivemind_worker(rank, peers, numel, rounds, maddrs, barrier, out):
@@ -81,7 +90,8 @@ def hivemind_worker(rank, peers, numel, rounds, maddrs, barrier, out):
         assert result is not None and len(result) == peers, f"group of {result}"
     averager.shutdown()
     dht.shutdown()
-    out.put((rank, times[1:], 0))
+    # Its all-reduce runs in a process of its own: the CPU it takes is not counted here.
+    out.put((rank, times[1:], 0, []))
 
 
 def swarm_worker(rank, peers, numel, rounds, maddrs, system, barrier, out):
@@ -106,26 +116,27 @@ def swarm_worker(rank, peers, numel, rounds, maddrs, system, barrier, out):
         await matchmaker.start()
         x = _tensor(numel, rank)
         average = torch.empty(numel)
-        times, sent = [], []
+        times, sent, cpus = [], [], []
         for step in range(rounds + 1):
             group = await matchmaker.form_group(step)
             assert group is not None and group.size == peers, group
             await asyncio.to_thread(barrier.wait)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), _cpu()
             # The same output vector every round, as swarm.Swarm passes it (and as gloo reduces in place).
             result = await averager.all_reduce(group, x, 1.0, out=average)
             times.append(time.perf_counter() - started)
+            cpus.append(_cpu() - cpu)
             sent.append(result.bytes_sent)
             matchmaker.set_outer_step(step + 1)
         await matchmaker.close()
         await averager.close()
         await node.close()
-        out.put((rank, times[1:], statistics.mean(sent[1:])))
+        out.put((rank, times[1:], statistics.mean(sent[1:]), cpus[1:]))
 
     asyncio.run(main())
 
 
-def run_workers(target, peers, args) -> tuple[float, float]:
+def run_workers(target, peers, args) -> tuple[float, float, float | None]:
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(peers), ctx.Queue()
     procs = [ctx.Process(target=target, args=(rank, peers, *args, barrier, out)) for rank in range(peers)]
@@ -146,7 +157,9 @@ def run_workers(target, peers, args) -> tuple[float, float]:
         p.join(60)
     # A round takes as long as its slowest member.
     per_round = [max(r[1][i] for r in results) for i in range(len(results[0][1]))]
-    return statistics.median(per_round), statistics.mean(r[2] for r in results)
+    # CPU seconds of one peer's all-reduce: the median over rounds, averaged over peers.
+    cpu = statistics.mean(statistics.median(r[3]) for r in results) if results[0][3] else None
+    return statistics.median(per_round), statistics.mean(r[2] for r in results), cpu
 
 
 def bootstrap_maddrs():
@@ -198,10 +211,11 @@ def main(peers: int, numel: int, rounds: int, bandwidth: str | None, systems: st
     gloo = results["gloo fp32"][0]
     where = f"loopback capped at {bandwidth} (tbf)" if bandwidth else "127.0.0.1"
     print(f"{peers} processes, {numel:,} float32 ({4 * numel / 1e6:.0f} MB) each, median of {rounds} rounds, {where}")
-    print(f"{'system':<19} {'wall s':>8} {'x gloo':>7} {'MB sent/peer':>13}")
-    for name, (wall, sent) in results.items():
+    print(f"{'system':<19} {'wall s':>8} {'x gloo':>7} {'MB sent/peer':>13} {'CPU s/peer':>11}")
+    for name, (wall, sent, cpu) in results.items():
         sent_text = f"{sent / 1e6:13.1f}" if sent else f"{'-':>13}"
-        print(f"{name:<19} {wall:8.2f} {wall / gloo:7.2f} {sent_text}", flush=True)
+        cpu_text = f"{cpu:11.2f}" if cpu is not None else f"{'-':>11}"
+        print(f"{name:<19} {wall:8.2f} {wall / gloo:7.2f} {sent_text} {cpu_text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Butterfly all-reduce of one flat float32 vector across a group, over libp2p binary streams.
 
 The vector is cut into `group.size` contiguous parts; member i reduces part i. Every member sends its encoded part i
-to member i on one stream; member i decodes the contributions, takes their weighted mean in float32 in member order,
-encodes that mean once, and sends the same bytes back on every stream. Every member (member i too) decodes those same
-bytes, so the whole group ends with bit-identical averages, whatever the codec.
+to member i on one stream; member i takes the weighted mean of the contributions in float32 in member order (its
+own exactly, the others as they decode), encodes that mean once, and sends the same bytes back on every stream.
+Every member (member i too) decodes those same bytes, so the whole group ends with bit-identical averages, whatever
+the codec.
 
 When a member dies mid-round, the others lose as little as possible and never apply a partial average:
 - a reducer that already holds every contribution finishes and serves its part whatever happens to the rest;
@@ -112,7 +113,9 @@ class _Round:
     group: Group | None = None
     part_numel: int = -1
     bounds: list[tuple[int, int]] = field(default_factory=list)
-    contributions: dict[int, tuple[float, torch.Tensor]] = field(default_factory=dict)
+    contributions: dict[int, tuple[float, torch.Tensor | bytes]] = field(default_factory=dict)
+    """What each member sent us for our part, until the reduction has used it (then only `weights` remain)."""
+    weights: dict[int, float] = field(default_factory=dict)
     configured: asyncio.Event = field(default_factory=asyncio.Event)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -130,12 +133,19 @@ class _Round:
     """This member's own attempt is over: it holds every averaged part it will ever get from the reducers."""
     reducer: asyncio.Task | None = None
 
-    def add(self, sender: int, weight: float, values: torch.Tensor) -> None:
-        if sender in self.contributions:
+    def add(self, sender: int, weight: float, values: torch.Tensor | bytes) -> None:
+        if sender in self.weights:
             raise ProtocolError(f"member {sender} sent its part twice")
+        self.weights[sender] = weight
         self.contributions[sender] = (weight, values)
-        if self.group is not None and len(self.contributions) == self.group.size:
+        if self.group is not None and len(self.weights) == self.group.size:
             self.complete.set()
+
+    def release(self) -> None:
+        """Drop the bulk data of a round whose member is done with it: later fetches for it find nothing."""
+        self.contributions.clear()
+        self.payloads.clear()
+        self.values.clear()
 
     def fail(self, reason: str) -> None:
         if not self.result.done():
@@ -199,6 +209,18 @@ class Averager:
         for gid in [gid for gid, rnd in self._rounds.items() if rnd.created < horizon]:
             self._rounds.pop(gid).forget()
 
+    def _release_settled(self, current: _Round) -> None:
+        """A new round starts: the averaged parts of our earlier rounds go, rather than wait out their timeout.
+
+        They are kept only so that a member that missed one can fetch it from us (see `_recover`). That happens
+        right as a round ends, while our next round needs a new group first, so at worst such a late member now
+        finds nothing and its round fails cleanly. Meanwhile an outer step every few seconds no longer holds tens of
+        rounds of parts in memory, and the next round reuses the memory this one frees.
+        """
+        for rnd in self._rounds.values():
+            if rnd is not current and rnd.settled.is_set():
+                rnd.release()
+
     def _forget_later(self, group_id: bytes, rnd: _Round) -> None:
         def forget():
             if self._rounds.get(group_id) is rnd:
@@ -246,6 +268,7 @@ class Averager:
         deadline = loop.time() + self.timeout_seconds
         bounds = part_bounds(flat.numel(), group.size)
         rnd = self._round(group.group_id)
+        self._release_settled(rnd)
         lo, hi = bounds[group.my_index]
         rnd.group, rnd.part_numel, rnd.bounds = group, hi - lo, bounds
         rnd.output = torch.empty(flat.numel(), dtype=torch.float32) if out is None else out.reshape(-1)
@@ -258,7 +281,6 @@ class Averager:
                     part_residual = None if residual is None else residual[a:b]
                     task = asyncio.create_task(self._exchange(group, i, rnd, flat[a:b], float(weight), part_residual))
                     tasks[task] = i
-            # Our own contribution goes through the codec too, so every contribution carries the same kind of error.
             own = await _maybe_in_thread(
                 self._own_contribution, flat[lo:hi], None if residual is None else residual[lo:hi]
             )
@@ -293,7 +315,7 @@ class Averager:
             rnd.settled.set()
             self._forget_later(group.group_id, rnd)
         averaged = rnd.output  # every part was decoded into its place: no concatenation
-        total = sum(w for w, _ in rnd.contributions.values())
+        total = sum(rnd.weights.values())
         return AllReduceResult(
             averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started, recovered
         )
@@ -316,7 +338,7 @@ class Averager:
                         errors.append(f"member {error.index}: {error}")
                         # A reduction that still lacks a lost member's contribution can never finish: say so now,
                         # so the members waiting for it do not wait out the bound.
-                        if error.index not in rnd.contributions:
+                        if error.index not in rnd.weights:
                             rnd.fail(f"member {error.index} was lost before it contributed")
                     elif error is not None:
                         errors.append(str(error))
@@ -327,7 +349,7 @@ class Averager:
             group = rnd.group
             # A member that never sent us its contribution is silent. Waiting for another member's averaged part
             # proves nothing while our own part is incomplete: that member may be waiting for the same silent one.
-            silent = {i for i in range(group.size) if i not in rnd.contributions}
+            silent = {i for i in range(group.size) if i not in rnd.weights}
             if not silent:
                 silent = {tasks[t] for t in pending if tasks[t] != group.my_index}
             lost |= silent
@@ -384,14 +406,15 @@ class Averager:
             logger.info(f"got {got} averaged parts of group {group.group_id.hex()} from other members")
         return got
 
-    def _own_contribution(self, part: torch.Tensor, residual: torch.Tensor | None):
-        """Our part as the reducer will add it: encoded bytes (added straight from them), or decoded values."""
-        payload = self.codec.encode(part)
+    @staticmethod
+    def _own_contribution(part: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Our part as the reducer adds it: exact. It never crosses the network, so the codec would only add error
+        (and an encode and a decode of CPU) to it; the average is still encoded once and decoded alike everywhere."""
+        if not _all_finite(part):  # the caller checks first; a non-finite value must never reach an average
+            raise ValueError("our own contribution to the all-reduce is not finite")
         if residual is not None:
-            self.codec.decode_into(payload, residual)
-            torch.sub(part, residual, out=residual)
-        values = self.codec.check_finite(payload, part.numel())
-        return payload if values is None else values
+            residual.zero_()  # nothing of it was lost
+        return part
 
     async def _own_result(self, rnd: _Round) -> None:
         # Shielded: cancelling this task must not cancel the result that the handlers still serve to the others.
@@ -475,6 +498,7 @@ class Averager:
             # The sum is built where our averaged part will land: it is encoded before anyone decodes over it.
             lo, hi = rnd.bounds[rnd.group.my_index]
             acc = await _maybe_in_thread(self._weighted_mean, rnd.contributions, rnd.output[lo:hi])
+            rnd.contributions.clear()  # summed: only their weights are needed from here on
             payload = await _maybe_in_thread(self.codec.encode, acc)
             if not rnd.result.done():
                 rnd.result.set_result(payload)

@@ -101,4 +101,4 @@ async def test_direct_connection_without_its_pairs_secret_is_refused():
                     answer = b""
                 assert answer == b""  # closed, not a word
                 writer.close()
-                assert 1 not in rnd.contributions
+                assert 1 not in rnd.weights
