@@ -102,3 +102,24 @@ async def test_direct_connection_without_its_pairs_secret_is_refused():
                 assert answer == b""  # closed, not a word
                 writer.close()
                 assert 1 not in rnd.weights
+
+
+@pytest.mark.timeout(120)
+async def test_rounds_keep_only_what_a_late_member_may_fetch():
+    """Contributions go once summed; a round's averaged parts stay (a member that missed one may fetch it) until
+    the next round starts. A swarm stepping every few seconds must not hold every round's parts for the timeout."""
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
+            await one_step(swarms, theta)
+            for s in swarms:
+                (first,) = s.averager._rounds.values()
+                assert first.contributions == {} and len(first.weights) == 3
+                assert sorted(first.payloads) == [0, 1, 2]
+            theta = [p.detach().clone() for p in swarms[0].params]
+            reports = await asyncio.gather(*[s.outer_step(perturbed(theta, i), 100) for i, s in enumerate(swarms)])
+            assert [r.group_size for r in reports] == [3, 3, 3]
+            for s in swarms:
+                first, second = s.averager._rounds.values()
+                assert first.payloads == {} and first.values == {}
+                assert second.contributions == {} and sorted(second.payloads) == [0, 1, 2]

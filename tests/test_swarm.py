@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from swarm import MatchmakingConfig, StepStatus, Swarm, SwarmConfig
+from swarm.allreduce import part_bounds
 from tests.conftest import swarm_of
 
 SHAPES = [(64, 33), (33,), (5, 7, 3), ()]
@@ -226,6 +227,7 @@ async def test_error_feedback_keeps_what_the_codec_lost(compression):
             deltas = [torch.cat([(t - loc).reshape(-1) for t, loc in zip(theta, local)]) for local in locals_]
             reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
             assert [r.group_size for r in reports] == [2, 2]
+            exact_parts = []
             for s, delta in zip(swarms, deltas):
                 if compression == "none":
                     assert torch.count_nonzero(s.residual) == 0
@@ -233,6 +235,11 @@ async def test_error_feedback_keeps_what_the_codec_lost(compression):
                     # What was lost is small (at most a block's absmax / 127) but not nothing.
                     assert 0 < float(s.residual.abs().max()) <= float(delta.abs().max()) / 127 * 1.001
                     assert float(s.residual.norm() / delta.norm()) < 0.02
+                    # Nothing of the part a member reduces itself: it adds its own values exactly.
+                    bounds = part_bounds(delta.numel(), 2)
+                    exact_parts += [i for i, (a, b) in enumerate(bounds) if not torch.count_nonzero(s.residual[a:b])]
+            if compression == "int8":
+                assert sorted(exact_parts) == [0, 1]
             assert reports[0].params_sha256 == reports[1].params_sha256
 
 
