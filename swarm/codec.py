@@ -242,11 +242,11 @@ class Blockwise8BitCompression(Codec):
     def decode_into(self, payload, out: torch.Tensor, native: bool = True) -> torch.Tensor:
         numel = out.numel()
         bs, absmax, codes = self._parts(payload, numel)
-        # One lookup (sign folded into the table, indexed by the code's byte) and one multiply per value.
         lib = sqblock() if native else None
         if lib is not None:  # computes each level (bit for bit the table's) rather than looking it up: vectorizes
             lib.sqblock_decode(codes.ctypes.data, absmax.ctypes.data, numel, bs, out.data_ptr())
             return out
+        # One lookup (sign folded into the table, indexed by the code's byte) and one multiply per value.
         values = out.numpy()
         np.take(self._SIGNED_LEVELS, codes.view(np.uint8), out=values)
         full = (numel // bs) * bs

@@ -9,7 +9,7 @@
  *
  * Decoding computes the level instead of looking it up: c|c| is an exact float and IEEE division is correctly
  * rounded, so (float)(c|c|) / 16129.0f is bit for bit the codec's table entry (k^2 / 16129 rounded once; a test
- * checks all 256 codes). Unlike a table lookup, it vectorizes: decoding runs about twice, accumulating about three
+ * checks all 255 codes a payload may hold). Unlike a table lookup, it vectorizes: decoding runs about twice, accumulating about three
  * times as fast.
  */
 #include <math.h>
