@@ -38,6 +38,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from swarm import direct, records
 from swarm.codec import Codec, CodecError
 from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
+from swarm.flat import all_finite
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
@@ -92,14 +93,6 @@ async def _maybe_in_thread(fn, *args):
     if numel >= _OFFLOAD_NUMEL:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    """One pass, no temporary: min and max are both finite iff every value is (NaN propagates into both)."""
-    if values.numel() == 0:
-        return True
-    low, high = torch.aminmax(values)
-    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 # Stream failures that mean "this member is gone" rather than "this member said no".
@@ -380,7 +373,7 @@ class Averager:
                     lo, hi = rnd.bounds[i]
                     # A fresh tensor first: the reducer's own answer may still be decoding into the output.
                     values = await _maybe_in_thread(self.codec.decode, payload, hi - lo)
-                    if not _all_finite(values):
+                    if not all_finite(values):
                         raise ProtocolError(f"member {index} sent a non-finite averaged part {i}")
                     if i not in rnd.values:
                         rnd.output[lo:hi] = values
@@ -410,7 +403,7 @@ class Averager:
     def _own_contribution(part: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """Our part as the reducer adds it: exact. It never crosses the network, so the codec would only add error
         (and an encode and a decode of CPU) to it; the average is still encoded once and decoded alike everywhere."""
-        if not _all_finite(part):  # the caller checks first; a non-finite value must never reach an average
+        if not all_finite(part):  # the caller checks first; a non-finite value must never reach an average
             raise ValueError("our own contribution to the all-reduce is not finite")
         if residual is not None:
             residual.zero_()  # nothing of it was lost
@@ -462,7 +455,7 @@ class Averager:
                 values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
             except CodecError as e:
                 raise _MemberLost(index, f"{peer} sent an averaged part we cannot decode: {e}") from e
-            if not self.codec.decodes_finite and not _all_finite(values):
+            if not self.codec.decodes_finite and not all_finite(values):
                 raise _MemberLost(index, f"{peer} sent back a non-finite average")
             rnd.payloads[index], rnd.values[index] = averaged, values
             # Acknowledge: the reducer may shut down once every member has its part, and not before. We hold the

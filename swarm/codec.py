@@ -11,12 +11,12 @@ differently never meet in a group.
 from __future__ import annotations
 
 import abc
-import math
 import struct
 
 import numpy as np
 import torch
 
+from swarm.flat import all_finite
 from swarm.native import sqblock
 
 
@@ -56,10 +56,8 @@ class Codec(abc.ABC):
         Returns the decoded values when checking needed them anyway, or None when the payload could be checked
         without decoding it (then `accumulate` reads it straight from the bytes)."""
         values = self.decode(payload, numel)
-        if values.numel():
-            low, high = torch.aminmax(values)  # one pass: both are finite iff every value is (NaN propagates)
-            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-                raise CodecError("payload holds NaN or inf")
+        if not all_finite(values):
+            raise CodecError("payload holds NaN or inf")
         return values
 
     def accumulate(self, payload: bytes | memoryview, acc: torch.Tensor, alpha: float) -> None:

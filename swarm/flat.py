@@ -24,6 +24,14 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Te
     return out
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """One pass, no temporary: min and max are both finite iff every value is (NaN propagates into both)."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 def difference(minuend: Sequence[torch.Tensor], subtrahend: Sequence[torch.Tensor]) -> torch.Tensor:
     """flatten(minuend) - flatten(subtrahend), written straight into one vector (no flat copy of either side)."""
     if len(minuend) != len(subtrahend):
