@@ -53,8 +53,11 @@ def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcome
                                      "--metrics-file", str(tmp_path / f"{name}.jsonl"),
                                      "--checkpoint-dir", str(tmp_path / f"ckpt-{name}"), *FAST)  # fmt: skip
         metrics = {name: tmp_path / f"{name}.jsonl" for name in procs}
-        wait_for(lambda: all(len(read_metrics(str(m))) >= 2 for m in metrics.values()), 150, "two outer steps")
-        assert all(r["group_size"] == 3 for r in read_metrics(str(metrics["a"]))[:2])
+        # The three average together. Not necessarily from the first step: a peer whose start is slower (imports on
+        # a loaded 2-core machine) finds the other two already averaging, and catches up with them.
+        wait_for(
+            lambda: sum(r["group_size"] == 3 for r in read_metrics(str(metrics["a"]))) >= 2, 150, "groups of three"
+        )
 
         # Fault: the bootstrap node and peer c die at once, without a word.
         kill_hard(boot.process)
