@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from peers.config import ConfigCommand, grouped, monitor_config, monitor_options
 from peers.data import DataLoadError
 from peers.inner import InnerConfig
 from peers.model import ModelLoadError
@@ -30,143 +31,172 @@ def _check_maddrs(flag: str, values) -> list[str]:
     return list(values)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option(
+network, training, data, observability, checkpoints = (
+    grouped(g) for g in ("network", "training", "data", "observability", "checkpoints")
+)
+
+
+@click.command(
+    cls=ConfigCommand,
+    check=lambda flags: build_config(flags),
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
+@network(
     "--initial-peers",
     multiple=True,
     metavar="MADDR",
     help="Full multiaddr of a live node (a bootstrap node or any peer); repeat for several. None starts a new swarm.",
 )
-@click.option("--run-id", default="swarm-default", help="Training run to join; peers average only within a run.")
-@click.option("--inner-steps", type=click.IntRange(min=1), default=50, help="H: inner AdamW steps per outer step.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Sequences per inner step.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=128, help="Tokens per sequence.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Inner AdamW learning rate.")
-@click.option(
-    "--warmup-steps",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Inner steps of the run (all outer steps together) of linear learning-rate warmup.",
-)
-@click.option(
-    "--decay-steps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Inner steps of the run after which a cosine decay reaches 10%% of --lr; default: no decay.",
-)
-@click.option("--outer-lr", type=click.FloatRange(min=0, min_open=True), default=0.7, help="Outer SGD learning rate.")
-@click.option(
-    "--outer-momentum",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.9,
-    help="Outer Nesterov momentum.",
-)
-@click.option(
-    "--model",
-    default="embedded",
-    help="'embedded' (small Llama-style config, no download), a config .json, a local model directory, "
-    "or a transformers model id.",
-)
-@click.option(
-    "--dataset",
-    default="embedded",
-    help="'embedded' (English prose shipped with Python, no download), text/json/csv/parquet files or "
-    "globs (comma-separated), a saved dataset directory, or a datasets name (streamed).",
-)
-@click.option(
-    "--compression", type=click.Choice(sorted(CODECS)), default="int8", help="Wire format of pseudo-gradients."
-)
-@click.option(
-    "--error-feedback/--no-error-feedback",
-    default=False,
-    help="Carry what compression lost of this peer's pseudo-gradient into its next contribution.",
-)
-@click.option(
-    "--min-group-size",
-    type=click.IntRange(min=1),
-    default=2,
-    help="Smallest group worth averaging with; below it a peer averages alone.",
-)
-@click.option(
-    "--max-group-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Largest group; default: every live peer of the run.",
-)
-@click.option(
-    "--matchmaking-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    help="Seconds to look for a group before averaging alone.",
-)
-@click.option(
-    "--allreduce-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=120.0,
-    help="Seconds one all-reduce may take once the group is formed.",
-)
-@click.option(
-    "--direct/--no-direct",
-    default=True,
-    help="Send all-reduce bytes over direct TCP connections between group members when reachable (else through "
-    "the p2p daemons).",
-)
-@click.option(
-    "--allreduce-retries",
-    type=click.IntRange(min=0),
-    default=1,
-    help="New groups tried for the same outer step, without the lost members, after a member was lost mid-round.",
-)
-@click.option(
-    "--outer-steps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Exit 0 after this many outer steps; default: train until stopped.",
-)
-@click.option(
-    "--checkpoint-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Save a checkpoint after every outer step and resume from the newest one on start.",
-)
-@click.option(
-    "--metrics-file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Append one JSON line per completed outer step.",
-)
-@click.option("--seed", type=int, default=0, help="Seeds the initial parameters (same on every peer) and data order.")
-@click.option(
+@network("--run-id", default="swarm-default", help="Training run to join; peers average only within a run.")
+@network(
     "--host-maddrs", multiple=True, default=["/ip4/0.0.0.0/tcp/0"], help="Addresses to listen on; repeat for several."
 )
-@click.option("--announce-maddrs", multiple=True, help="Addresses to advertise instead of the listening ones.")
-@click.option(
+@network("--announce-maddrs", multiple=True, help="Addresses to advertise instead of the listening ones.")
+@network(
     "--identity",
     type=click.Path(dir_okay=False),
     default=None,
     help="Private key file: a stable peer id across restarts (created if missing).",
 )
-@click.option(
+@network(
     "--connect-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     help="Seconds to reach the initial peers before giving up.",
 )
-@click.option(
+@network("--compression", type=click.Choice(sorted(CODECS)), default="int8", help="Wire format of pseudo-gradients.")
+@network(
+    "--min-group-size",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Smallest group worth averaging with; below it a peer averages alone.",
+)
+@network(
+    "--max-group-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest group; default: every live peer of the run.",
+)
+@network(
+    "--matchmaking-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    help="Seconds to look for a group before averaging alone.",
+)
+@network(
+    "--allreduce-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    help="Seconds one all-reduce may take once the group is formed.",
+)
+@network(
+    "--direct/--no-direct",
+    default=True,
+    help="Send all-reduce bytes over direct TCP connections between group members when reachable (else through "
+    "the p2p daemons).",
+)
+@network(
+    "--allreduce-retries",
+    type=click.IntRange(min=0),
+    default=1,
+    help="New groups tried for the same outer step, without the lost members, after a member was lost mid-round.",
+)
+@training("--inner-steps", type=click.IntRange(min=1), default=50, help="H: inner AdamW steps per outer step.")
+@training("--batch-size", type=click.IntRange(min=1), default=8, help="Sequences per inner step.")
+@training("--seq-len", type=click.IntRange(min=2), default=128, help="Tokens per sequence.")
+@training("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Inner AdamW learning rate.")
+@training(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Inner steps of the run (all outer steps together) of linear learning-rate warmup.",
+)
+@training(
+    "--decay-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Inner steps of the run after which a cosine decay reaches 10% of --lr; default: no decay.",
+)
+@training("--outer-lr", type=click.FloatRange(min=0, min_open=True), default=0.7, help="Outer SGD learning rate.")
+@training(
+    "--outer-momentum",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.9,
+    help="Outer Nesterov momentum.",
+)
+@training(
+    "--error-feedback/--no-error-feedback",
+    default=False,
+    help="Carry what compression lost of this peer's pseudo-gradient into its next contribution.",
+)
+@training(
+    "--model",
+    default="embedded",
+    help="'embedded' (small Llama-style config, no download), a config .json, a local model directory, "
+    "or a transformers model id.",
+)
+@training("--seed", type=int, default=0, help="Seeds the initial parameters (same on every peer) and data order.")
+@training(
+    "--outer-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit 0 after this many outer steps; default: train until stopped.",
+)
+@training(
     "--nproc-per-node",
     type=click.IntRange(min=1),
     default=1,
     help="Local workers to shard the model over with FSDP (gloo on CPU, nccl on GPUs); each averages its own shard. "
     "Peers average only with peers of the same count.",
 )
-@click.option(
+@training(
     "--precision",
     type=click.Choice(["fp32", "bf16"]),
     default="fp32",
     help="Compute precision of the inner steps; θ and both optimizers stay fp32.",
 )
-@click.option("--progress/--no-progress", default=None, help="Progress bar; default: only on a terminal.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
+@data(
+    "--dataset",
+    default="embedded",
+    help="'embedded' (English prose shipped with Python, no download), text/json/csv/parquet files or "
+    "globs (comma-separated), a saved dataset directory, or a datasets name (streamed).",
+)
+@data(
+    "--eval-dataset",
+    metavar="SPEC",
+    default="embedded",
+    help="Held-out text to evaluate θ on, in the forms of --dataset; 'embedded' is the embedded corpus's held-out "
+    "split, 'none' evaluates nothing.",
+)
+@observability(
+    "--metrics-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Append one JSON line per completed outer step.",
+)
+@observability("--progress/--no-progress", default=None, help="Progress bar; default: only on a terminal.")
+@observability("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
+@observability(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    metavar="N",
+    default=1,
+    help="Evaluate θ after every N outer steps of the run.",
+)
+@observability(
+    "--eval-batches",
+    type=click.IntRange(min=1),
+    metavar="N",
+    default=4,
+    help="Batches of --batch-size x --seq-len tokens per evaluation.",
+)
+@monitor_options
+@checkpoints(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Save a checkpoint after every outer step and resume from the newest one on start.",
+)
 def main(**flags) -> None:
     """Join a DiLoCo training run over the swarm and contribute to it until stopped."""
     from peers.workers import launch, worker_index
@@ -214,6 +244,7 @@ def _run_worker(config, rank: int, count: int) -> int:
 
 def build_config(flags: dict):
     """Validate flags that only make sense together; errors name the flag to fix."""
+    from peers.evaluate import EvalConfig
     from peers.runner import PeerConfig
 
     if flags["max_group_size"] is not None and flags["max_group_size"] < flags["min_group_size"]:
@@ -293,31 +324,50 @@ def build_config(flags: dict):
         progress=flags["progress"],
         precision=flags["precision"],
         workers=flags["nproc_per_node"],
+        eval=EvalConfig(
+            dataset=None if flags["eval_dataset"] == "none" else flags["eval_dataset"],
+            every_outer_steps=flags["eval_every"],
+            batches=flags["eval_batches"],
+        ),
+        monitor=monitor_config(flags),
     )
 
 
 async def _serve(config, make_peer=None) -> int:
+    import time
+
     from peers.runner import Peer
 
+    loop = asyncio.get_running_loop()
+    peer = None
+    first_signal: list[float] = []
+    # One stop can arrive twice within moments: a worker of a sharded peer gets it from its launcher and, when a
+    # service manager signals every process of the service, directly too. Only a signal after this is a second one.
+    same_stop_seconds = 1.0
+
+    def on_signal(signum: int) -> None:
+        now = time.monotonic()
+        if not first_signal:
+            first_signal.append(now)
+            logger.info(f"{signal.Signals(signum).name}: finishing the current phase, saving, leaving the swarm")
+            if peer is not None:
+                peer.request_stop()
+        elif now - first_signal[0] < same_stop_seconds:
+            logger.debug(f"{signal.Signals(signum).name} again at once: the same stop request")
+        else:
+            logger.warning("second signal: leaving now without waiting")
+            os._exit(130)
+
+    # Before the model loads (seconds), so that a stop during the load is a clean stop too, not a kill.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         peer = await asyncio.to_thread(make_peer or (lambda: Peer(config)))
     except (ModelLoadError, DataLoadError, ValueError) as e:
         logger.error(str(e))
         return 2
-    loop = asyncio.get_running_loop()
-    signals_seen = []
-
-    def on_signal(signum: int) -> None:
-        signals_seen.append(signum)
-        if len(signals_seen) == 1:
-            logger.info(f"{signal.Signals(signum).name}: finishing the current phase, saving, leaving the swarm")
-            peer.request_stop()
-        else:
-            logger.warning("second signal: leaving now without waiting")
-            os._exit(130)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
+    if first_signal:
+        peer.request_stop()  # it trains no step: it joins, saves and leaves
     try:
         try:
             addresses = await peer.start()

@@ -25,24 +25,35 @@ class DataLoadError(RuntimeError):
     """The dataset named by --dataset could not be loaded."""
 
 
-def embedded_corpus() -> list[str]:
-    """English prose shipped with Python itself (the pydoc help topics, about 460 KB): no download needed."""
+SPLITS = ("train", "heldout")
+
+
+def embedded_corpus(split: str = "train") -> list[str]:
+    """English prose shipped with Python itself (the pydoc help topics, about 460 KB): no download needed.
+
+    "heldout" is every tenth topic in name order and "train" the rest, so a held-out loss measures text the embedded
+    training data never contains.
+    """
     from pydoc_data.topics import topics
 
-    return [topics[name] for name in sorted(topics)]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    names = sorted(topics)
+    return [topics[name] for i, name in enumerate(names) if (i % 10 == 0) == (split == "heldout")]
 
 
-def load_text_dataset(spec: str = EMBEDDED):
+def load_text_dataset(spec: str = EMBEDDED, split: str = "train"):
     """A datasets Dataset or IterableDataset with text in it.
 
     `spec` is "embedded", a directory written by `Dataset.save_to_disk`, a directory of text files, one or more
     files or globs (comma-separated; .txt, .md, .json, .jsonl, .csv, .parquet), or a hub dataset name (streamed).
+    `split` picks the embedded corpus's part ("train" or "heldout"); other sources are taken whole.
     """
     import datasets
 
     try:
         if spec == EMBEDDED:
-            return datasets.Dataset.from_dict({"text": embedded_corpus()})
+            return datasets.Dataset.from_dict({"text": embedded_corpus(split)})
         if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")):
             loaded = datasets.load_from_disk(spec)
             return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded

@@ -14,7 +14,7 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 def _program(name: str) -> list[str]:
     """Run the console scripts of the interpreter we run under, installed or not."""
-    module = {"swarm-peer": "peers.cli", "swarm-bootstrap": "bootstrap.cli"}[name]
+    module = {"swarm-peer": "peers.cli", "swarm-bootstrap": "bootstrap.cli", "swarm-export": "peers.export"}[name]
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.argv[0] = {name!r}; main()"]
 
 
@@ -49,15 +49,22 @@ def start_bootstrap(workdir: str, *extra: str, timeout: float = 60.0) -> Bootstr
     return Bootstrap(process, [line.strip()])
 
 
-def start_peer(workdir: str, name: str, initial_peers: list[str], *extra: str, threads: int | None = 1):
-    """Start `swarm-peer` on loopback; its stdout and stderr go to {workdir}/{name}.log."""
+def start_peer(
+    workdir: str, name: str, initial_peers: list[str], *extra: str, threads: int | None = 1, new_session: bool = False
+):
+    """Start `swarm-peer` on loopback; its stdout and stderr go to {workdir}/{name}.log.
+
+    `new_session` puts it in a session (and process group) of its own, as systemd or a terminal would: a test can
+    then signal its whole group (os.killpg) without hitting itself."""
     os.makedirs(workdir, exist_ok=True)
     args = [*_program("swarm-peer"), "--host-maddrs", LOOPBACK, "--no-progress"]
     for maddr in initial_peers:
         args += ["--initial-peers", maddr]
     args += list(extra)
     log = open(os.path.join(workdir, f"{name}.log"), "ab")  # noqa: SIM115 - owned by the child from now on
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
+    process = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, env=_env(threads), start_new_session=new_session
+    )
     log.close()
     return process
 

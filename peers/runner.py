@@ -22,11 +22,15 @@ from peers import memory
 from peers.checkpoint import Checkpointer, CheckpointError
 from peers.data import EMBEDDED as EMBEDDED_DATA
 from peers.data import TokenBatcher, load_text_dataset
+from peers.evaluate import EvalConfig, Evaluator
+from peers.exportable import RunFacts, model_facts, shard_rows
 from peers.inner import InnerConfig, InnerLoop, InnerResult
 from peers.metrics import MetricsWriter
 from peers.model import EMBEDDED as EMBEDDED_MODEL
 from peers.model import load_model
+from peers.monitoring import PeerMonitor
 from swarm import NodeConfig, OuterStepReport, StepStatus, Swarm, SwarmConfig, SwarmNode, records
+from swarm.monitor import MonitorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class PeerConfig:
     """Precision of the inner steps' compute: fp32 or bf16. θ, the outer optimizer and AdamW's state stay fp32."""
     workers: int = 1
     """Local workers the model is sharded over (FSDP); 1 trains the whole model in this process."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 class Peer:
@@ -64,6 +70,8 @@ class Peer:
         self.node: SwarmNode | None = None
         self.swarm: Swarm | None = None
         self.metrics: MetricsWriter | None = None
+        self.monitor: PeerMonitor | None = None
+        self.evaluator: Evaluator | None = None
         self.checkpointer = (
             Checkpointer(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
         )
@@ -75,6 +83,8 @@ class Peer:
         self.completed_steps = 0
         self._pending_tokens = 0  # tokens of inner work not yet folded into θ (carried after a failed all-reduce)
         self._outer_peak_mb: float | None = None
+        self._model_facts = model_facts(self.loaded, config.model, config.seed)  # full shapes: before any sharding
+        self._run_facts = RunFacts()
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -95,7 +105,20 @@ class Peer:
             self.inner.optimizer.load_state_dict(self._restored_inner_state)
         if self.config.metrics_file:
             self.metrics = MetricsWriter(self.config.metrics_file)
+        await self._start_observing()
         return await self.node.visible_maddrs()
+
+    async def _start_observing(self, speaks_for_peer: bool = True) -> None:
+        """Held-out evaluation on every worker (a sharded model's forward pass needs them all); status records,
+        Prometheus and the dashboard only where the peer speaks (worker 0 of a sharded peer)."""
+        if self.config.eval.dataset is not None:
+            self.evaluator = await asyncio.to_thread(
+                Evaluator, self.config.eval, self.model, self.loaded.tokenizer, self.config.batch_size,
+                self.config.seq_len, self.inner.device, self.inner.autocast_dtype,
+            )  # fmt: skip
+        if speaks_for_peer:
+            swarm = getattr(self.swarm, "swarm", self.swarm)  # a ShardedSwarm speaks through worker 0's Swarm
+            self.monitor = await PeerMonitor.create(self.config.monitor, self.node, swarm, self.config.swarm.run_id)
 
     def _make_batches(self, data_position: int) -> None:
         # The data order mixes the run's seed with this node's id: every peer (and every worker) reads its own order.
@@ -130,6 +153,7 @@ class Peer:
         self.model.load_state_dict(state["model"])
         self._restored_inner_state = state["inner_optimizer"]
         self._pending_tokens = int(state.get("pending_tokens", 0))
+        self._run_facts = RunFacts.from_checkpoint(state)
         logger.info(f"resumed from {path} at outer step {self.swarm.global_step}")
         return int(state.get("data_position", 0))
 
@@ -149,6 +173,7 @@ class Peer:
             if self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps:
                 break
             bar.set_description(f"outer step {self.swarm.global_step + 1}")
+            step_started = time.perf_counter()
             result = await self._combine(await asyncio.to_thread(self._inner_loop, bar))
             if result.interrupted:
                 # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
@@ -156,7 +181,12 @@ class Peer:
                 logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
                 break
             report = await self._outer_step(result)
-            self._record(result, report, await self._step_facts(report))
+            facts = await self._step_facts(report)
+            facts["eval_loss"] = await self._evaluate(report)
+            facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
+            record = self._record(result, report, facts)
+            if self.monitor is not None:
+                await self.monitor.observe(record)
             self.completed_steps += 1
 
     async def _stop_now(self) -> bool:
@@ -220,12 +250,19 @@ class Peer:
             logger.debug(f"could not publish the θ hash: {e!r}")
         return report
 
+    async def _evaluate(self, report: OuterStepReport) -> float | None:
+        """Held-out loss of θ when it is due. After a failed all-reduce the model holds local work, not θ: skipped."""
+        if self.evaluator is None or not report.restart_from_global or not self.evaluator.due(report.outer_step):
+            return None
+        loss = await asyncio.to_thread(self.evaluator.loss)
+        return loss if math.isfinite(loss) else None
+
     @torch.no_grad()
     def _load_global_into_model(self) -> None:
         for p, g in zip(self.model.parameters(), self.swarm.params, strict=True):
             p.copy_(g)
 
-    def _record(self, result: InnerResult, report: OuterStepReport, facts: dict) -> None:
+    def _record(self, result: InnerResult, report: OuterStepReport, facts: dict) -> dict:
         record = {
             "run_id": self.config.swarm.run_id,
             "peer_id": self.node.peer_id.to_base58(),
@@ -248,13 +285,16 @@ class Peer:
             record["error"] = report.error
         if self.metrics is not None:
             self.metrics.write(record)
+        held_out = f", held-out {facts['eval_loss']:.4f}" if facts.get("eval_loss") is not None else ""
         logger.info(
-            f"outer step {report.outer_step}: loss {result.loss:.4f},"
+            f"outer step {report.outer_step}: loss {result.loss:.4f}{held_out},"
             f" group {report.group_size} ({report.status.value}),"
             f" sent {report.bytes_sent / 1e6:.2f} MB, received {report.bytes_received / 1e6:.2f} MB,"
             f" comm {report.comm_seconds:.2f}s, compute {result.seconds:.2f}s, θ {report.params_sha256[:12]}"
         )
+        self._remember(record, report)
         self._save_checkpoint()
+        return record
 
     def _save_checkpoint(self) -> None:
         if self.checkpointer is None or self.swarm is None or not hasattr(self, "inner"):
@@ -266,6 +306,7 @@ class Peer:
             "inner_optimizer": self.inner.optimizer.state_dict(),
             "data_position": self.batches.position,
             "pending_tokens": self._pending_tokens,
+            "export": self._export_facts(),
         }
         try:
             self.checkpointer.save(state, self.swarm.global_step)
@@ -273,7 +314,24 @@ class Peer:
             # Training state in memory is intact: keep training, say so loudly, try again next step.
             logger.error(f"{e}; training continues, the next outer step tries again")
 
+    def _remember(self, record: dict, report: OuterStepReport) -> None:
+        """Keep what the exported model card tells about the run (see peers.exportable)."""
+        self._run_facts.remember(record, report.members)
+
+    def _export_facts(self) -> dict:
+        """What `swarm-export` needs besides θ: the model, which rows of it this checkpoint holds, the run's facts."""
+        index, count = self._shard()
+        local_shapes = [tuple(p.shape) for p in self.swarm.params]
+        rows = shard_rows(self._model_facts["full_shapes"], local_shapes, index, count)
+        return {**self._model_facts, "shard": [index, count], "rows": rows, "run": self._run_facts.to_dict()}
+
+    def _shard(self) -> tuple[int, int]:
+        """(index, count) of the part of θ this process holds: the whole of it here."""
+        return 0, 1
+
     async def close(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.swarm is not None:

@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from peers.checkpoint import Checkpointer, CheckpointError
+from peers.exportable import RunFacts
 from peers.inner import InnerLoop, InnerResult
 from peers.metrics import MetricsWriter
 from peers.parallelize import local_shards, localize, optimizer_state_from_local, shard_model
@@ -93,6 +94,7 @@ class ShardedPeer(Peer):
             )
         if self.config.metrics_file:
             self.metrics = MetricsWriter(self.config.metrics_file)
+        await self._start_observing(speaks_for_peer=self.local.rank == 0)
         return await self.node.visible_maddrs()
 
     def _make_inner_loop(self) -> InnerLoop:
@@ -128,6 +130,7 @@ class ShardedPeer(Peer):
                         shard.copy_(saved)
                 self._restored_inner_state = state["inner_optimizer"]
                 self._pending_tokens = int(state.get("pending_tokens", 0))
+                self._run_facts = RunFacts.from_checkpoint(state)
                 theta = await self.swarm.theta_sha256()
                 logger.info(f"resumed from outer step {step} ({self.local.size} shards), θ {theta[:12]}")
                 return int(state.get("data_position", 0))
@@ -167,6 +170,9 @@ class ShardedPeer(Peer):
         for shard, theta in zip(local_shards(self.model), self.swarm.params, strict=True):
             shard.copy_(theta)
 
+    def _shard(self) -> tuple[int, int]:
+        return self.local.rank, self.local.size
+
     def _save_checkpoint(self) -> None:
         if self.checkpointer is None or self.swarm is None or not hasattr(self, "inner"):
             return
@@ -178,6 +184,7 @@ class ShardedPeer(Peer):
             "inner_optimizer": localize(self.inner.optimizer.state_dict()),
             "data_position": self.batches.position,
             "pending_tokens": self._pending_tokens,
+            "export": self._export_facts(),
         }
         try:
             self.checkpointer.save(state, self.swarm.global_step)

@@ -107,6 +107,8 @@ class OuterStepReport:
     """Hex id of the group whose average was applied (empty when none was)."""
     attempts: int = 0
     """All-reduces tried for this step (more than one after a member was lost)."""
+    members: list[str] = field(default_factory=list)
+    """Base58 peer ids of the group whose average was applied (empty when none was): who this peer trained with."""
 
     @property
     def restart_from_global(self) -> bool:
@@ -396,6 +398,7 @@ class Swarm:
             result.bytes_received,
             group_id=group.group_id.hex(),
             attempts=attempt,
+            members=[p.to_base58() for p in group.peer_ids],
         )
 
     def average_buffer(self, numel: int) -> torch.Tensor:
@@ -412,7 +415,17 @@ class Swarm:
         self._state_version += 1
 
     def _advance(
-        self, status, group_size, started, sent=0, received=0, error=None, next_step=True, group_id="", attempts=0
+        self,
+        status,
+        group_size,
+        started,
+        sent=0,
+        received=0,
+        error=None,
+        next_step=True,
+        group_id="",
+        attempts=0,
+        members=(),
     ) -> OuterStepReport:
         if next_step:
             self.global_step += 1
@@ -429,6 +442,7 @@ class Swarm:
             error=error,
             group_id=group_id,
             attempts=attempts,
+            members=list(members),
         )
 
     async def publish_hash(self, report: OuterStepReport) -> None:

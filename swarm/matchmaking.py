@@ -6,7 +6,8 @@ group as soon as every live peer of the run at step t has joined (heartbeats tel
 latest, shortly before the earliest deadline among its members. It then sends every member the same ordered member
 list and a fresh group id. A peer that sees a smaller leader than its own leader-candidate redirects its followers
 there, so groups converge on the smallest peer id; a leader that refuses, dies, or fails to answer is skipped and the
-next one is tried. A peer that finds no group before its deadline gets None and averages alone.
+next one is tried. A peer that finds no group before its deadline gets None and averages alone; one that sees no
+other live peer of its run at all for a few seconds (`alone_after_seconds`) gets a group of one at once instead.
 
 Join protocol (one binary stream per join, frames from `swarm.wire`):
   follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d, "direct": [[ip, port], ...],
@@ -63,6 +64,16 @@ class MatchmakingConfig:
     """How often a peer renews its liveness record; the record lives for three intervals."""
     request_timeout_seconds: float = 5.0
     """Bound on one join request's first answer."""
+    alone_after_seconds: float | None = None
+    """A peer that sees no other live peer of its run (same setup) for this long stops looking and averages alone
+    instead of waiting out the timeout. None: three heartbeat intervals, the lifetime of a heartbeat record, so a
+    live peer whose renewal one lookup missed still shows up in time."""
+
+    @property
+    def alone_after(self) -> float:
+        if self.alone_after_seconds is not None:
+            return self.alone_after_seconds
+        return 3 * self.heartbeat_interval_seconds
 
     def validate(self) -> None:
         if self.min_group_size < 1:
@@ -73,6 +84,8 @@ class MatchmakingConfig:
             )
         if self.timeout_seconds <= 0:
             raise ValueError(f"matchmaking timeout must be positive, got {self.timeout_seconds}")
+        if self.alone_after_seconds is not None and self.alone_after_seconds <= 0:
+            raise ValueError(f"alone_after_seconds must be positive, got {self.alone_after_seconds}")
 
 
 @dataclass(frozen=True)
@@ -282,6 +295,8 @@ class Matchmaker:
     async def form_group(self, outer_step: int, exclude=(), known=()) -> Group | None:
         """Find a group for `outer_step` within the configured timeout; None if this peer should average alone.
 
+        A group of this peer alone comes back early when no other peer of the run is alive (see alone_after_seconds).
+
         Peers in `exclude` (e.g. members lost in a failed round of this step) are not waited for. Peers in `known`
         (e.g. the members of our previous group) are waited for until they join or a ping says they are elsewhere.
         """
@@ -307,6 +322,7 @@ class Matchmaker:
     async def _look(self, state: _Looking) -> Group | None:
         margin = min(1.0, 0.1 * self.config.timeout_seconds)
         target: PeerID | None = None
+        last_seen_other = get_dht_time()  # when we last saw any other live peer we could average with
         while True:
             now = get_dht_time()
             if now >= state.deadline - margin:
@@ -328,6 +344,12 @@ class Matchmaker:
                     group = self._maybe_close_group(state, decls, live, now)
                     if group is not None:
                         return group
+                    if self._anyone_else(state, decls, live, now):
+                        last_seen_other = now
+                    elif now - last_seen_other >= self.config.alone_after:
+                        # Nobody else is alive in this run: waiting out the timeout would only delay our step.
+                        logger.debug(f"no other live peer of the run for step {state.outer_step}")
+                        return self._close_group(state)  # a group of one: the caller averages alone
                     if state.better_leader is not None and state.excluded.get(state.better_leader, 0) <= now:
                         target, state.better_leader = state.better_leader, None
                         continue
@@ -374,6 +396,22 @@ class Matchmaker:
         if now >= earliest - min(1.0, 0.1 * cfg.timeout_seconds) - cfg.poll_interval_seconds:
             return self._close_group(state)
         return None
+
+    def _anyone_else(self, state: _Looking, decls, live, now: float) -> bool:
+        """Whether any other peer we could average with is alive in the run, at this step or any other.
+
+        A peer behind us (still in its inner loop, just started) counts: it may come to this round. The peers we
+        would wait for at this round are pinged, so one that died is dropped at once, not when its heartbeat expires.
+        """
+        if state.followers:
+            return True
+        at_step = {h.peer_id for h in live if h.schema == self.schema and h.outer_step == state.outer_step}
+        waited_for = (at_step | state.known) - state.dead - {self.peer_id}
+        for peer in waited_for:
+            self._probe_later(state, peer)
+        others = {h.peer_id for h in live if h.schema == self.schema} | waited_for
+        others |= {d.peer_id for d in decls if d.looking and d.schema == self.schema and d.deadline > now}
+        return bool(others - state.dead - {self.peer_id})
 
     def _probe_later(self, state: _Looking, peer: PeerID) -> None:
         """Ping a peer we wait for (one ping in flight, one per two polls); stop waiting for it if it is dead."""

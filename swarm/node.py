@@ -13,8 +13,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import hivemind.hivemind_cli
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon import P2PD_FILENAME
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -55,6 +57,47 @@ class NodeConfig:
             raise ValueError("connect_timeout_seconds must be positive")
 
 
+_spawning = 0  # SwarmNode.create calls in progress that want the p2p daemon in a session of its own
+_plain_exec = None
+
+
+@contextlib.contextmanager
+def _daemon_in_own_session():
+    """While this is active, hivemind starts p2pd in a new session (setsid), so in a process group of its own.
+
+    A stop signal sent to the peer's whole process group (a terminal's Ctrl-C, `kill -- -PGID`, a service manager
+    stopping the group) would otherwise reach the daemon too: it dies at once, and the peer, which is still
+    finishing its round, loses every connection and averages alone. Out of the group, the daemon stays up until
+    `SwarmNode.close()` stops it; if the peer dies without closing it (SIGKILL), swarm.reaper does. Ignoring the
+    signals in the child instead does not work: the Go daemon installs its own SIGINT/SIGTERM handlers (measured).
+
+    hivemind spawns the daemon with `asyncio.subprocess.create_subprocess_exec` deep inside `P2P.create` and has no
+    option for it, so this swaps that function for one that adds `start_new_session=True` for the p2pd binary
+    only, and only while some node is being created (nodes created concurrently in one loop share the swap).
+    """
+    global _spawning, _plain_exec
+    if _spawning == 0:
+        _plain_exec = asyncio.subprocess.create_subprocess_exec
+        plain = _plain_exec
+        daemon_dir = os.path.realpath(os.path.dirname(hivemind.hivemind_cli.__file__))
+
+        async def exec_daemon_in_own_session(program, *args, **kwargs):
+            path = os.path.realpath(os.fspath(program))
+            if os.path.basename(path) == P2PD_FILENAME and os.path.dirname(path) == daemon_dir:
+                kwargs.setdefault("start_new_session", True)
+            return await plain(program, *args, **kwargs)
+
+        asyncio.subprocess.create_subprocess_exec = exec_daemon_in_own_session
+    _spawning += 1
+    try:
+        yield
+    finally:
+        _spawning -= 1
+        if _spawning == 0:
+            asyncio.subprocess.create_subprocess_exec = _plain_exec
+            _plain_exec = None
+
+
 class SwarmNode:
     """Use `await SwarmNode.create(config)` and `await node.close()`, or `async with await SwarmNode.create(...)`."""
 
@@ -74,21 +117,22 @@ class SwarmNode:
             parent = os.path.dirname(os.path.abspath(config.identity_path))
             os.makedirs(parent, exist_ok=True)
         try:
-            dht = await asyncio.wait_for(
-                DHTNode.create(
-                    initial_peers=config.initial_peers or None,
-                    host_maddrs=config.host_maddrs,
-                    announce_maddrs=config.announce_maddrs or None,
-                    identity_path=config.identity_path,
-                    client_mode=config.client_mode,
-                    # Only swarm's own loopback/LAN addresses matter; UPnP and AutoNAT probes would reach out.
-                    nat_port_map=False,
-                    auto_nat=False,
-                    startup_timeout=config.connect_timeout_seconds,
-                    bootstrap_timeout=min(5.0, config.connect_timeout_seconds),
-                ),
-                timeout=config.connect_timeout_seconds,
-            )
+            with _daemon_in_own_session():
+                dht = await asyncio.wait_for(
+                    DHTNode.create(
+                        initial_peers=config.initial_peers or None,
+                        host_maddrs=config.host_maddrs,
+                        announce_maddrs=config.announce_maddrs or None,
+                        identity_path=config.identity_path,
+                        client_mode=config.client_mode,
+                        # Only swarm's own loopback/LAN addresses matter; UPnP and AutoNAT probes would reach out.
+                        nat_port_map=False,
+                        auto_nat=False,
+                        startup_timeout=config.connect_timeout_seconds,
+                        bootstrap_timeout=min(5.0, config.connect_timeout_seconds),
+                    ),
+                    timeout=config.connect_timeout_seconds,
+                )
         except asyncio.TimeoutError:
             raise SwarmConnectionError(
                 f"could not join the swarm through {config.initial_peers} within {config.connect_timeout_seconds:.0f}s;"
@@ -119,6 +163,7 @@ class SwarmNode:
         if self._closed:
             return
         self._closed = True
+        self._take_connection_errors()
         daemon = getattr(self.p2p, "_child", None)
         if daemon is None or daemon.returncode is None:
             try:
@@ -131,6 +176,19 @@ class SwarmNode:
         if self._reaper is not None:
             self._reaper.kill()
             self._reaper.wait()
+
+    def _take_connection_errors(self) -> None:
+        """Collect the error of hivemind's daemon-connection tasks if the daemon died under us.
+
+        They end with ConnectionResetError when the daemon goes first (OOM killer, a signal to every process of a
+        service); nothing awaits them, so Python would print 'Task exception was never retrieved' with a traceback
+        when they are collected. Taking the error here says it in one line instead.
+        """
+        control = getattr(getattr(self.p2p, "_client", None), "control", None)
+        for name in ("_read_task", "_write_task"):
+            task = getattr(control, name, None)
+            if isinstance(task, asyncio.Task) and task.done() and not task.cancelled() and task.exception():
+                logger.warning(f"the connection to this node's p2p daemon broke before it closed: {task.exception()!r}")
 
     async def __aenter__(self) -> SwarmNode:
         return self

@@ -210,6 +210,7 @@ class ShardedSwarm:
             sum(r for _, r in traffic),
             group_id=group.group_id.hex(),
             attempts=attempt,
+            members=[p.to_base58() for p in group.peer_ids],  # the peers (their worker 0), not our shard's nodes
         )
 
     async def _average_shard(self, group, contribution, weight, residual):
