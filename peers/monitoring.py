@@ -30,7 +30,6 @@ class PeerMonitor:
         self.config, self.node, self.swarm, self.run_id = config, node, swarm, run_id
         self.metrics = PeerMetrics(run_id)
         self.history: list[list] = []
-        self.tokens_total = 0
         self.endpoints: list[HttpEndpoint] = []
         self.collector: Collector | None = None
 
@@ -52,11 +51,12 @@ class PeerMonitor:
             raise
         return monitor
 
-    async def observe(self, record: dict) -> None:
-        """Fold one metrics record in: Prometheus at once, then the status record in the DHT."""
+    async def observe(self, record: dict, tokens_total: int) -> None:
+        """Fold one metrics record in: Prometheus at once, then the status record in the DHT.
+
+        `tokens_total` is what this peer trained on over its whole life, restarts included (peers.exportable)."""
         self.metrics.observe(record)
-        self.tokens_total += record["tokens"]
-        self.history.append([record["outer_step"], record["loss"], record.get("eval_loss"), self.tokens_total])
+        self.history.append([record["outer_step"], record["loss"], record.get("eval_loss"), tokens_total])
         del self.history[: -status_records.HISTORY_LENGTH]
         streams = self.swarm.averager.streams
         status = status_records.PeerStatus(
@@ -64,7 +64,7 @@ class PeerMonitor:
             loss=record["loss"],
             eval_loss=record.get("eval_loss"),
             tokens_per_second=float(record.get("tokens_per_second") or 0.0),
-            tokens_total=self.tokens_total,
+            tokens_total=tokens_total,
             sent_bytes=record["bytes_sent"],
             received_bytes=record["bytes_received"],
             group_size=record["group_size"],

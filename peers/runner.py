@@ -180,13 +180,17 @@ class Peer:
                 self._pending_tokens += result.tokens
                 logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
                 break
+            logger.info(
+                f"outer step {self.swarm.global_step + 1}: inner loop done ({result.steps} steps,"
+                f" {result.seconds:.1f}s), averaging"
+            )
             report = await self._outer_step(result)
             facts = await self._step_facts(report)
             facts["eval_loss"] = await self._evaluate(report)
             facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
             record = self._record(result, report, facts)
             if self.monitor is not None:
-                await self.monitor.observe(record)
+                await self.monitor.observe(record, self._run_facts.tokens)
             self.completed_steps += 1
 
     async def _stop_now(self) -> bool:
@@ -292,7 +296,7 @@ class Peer:
             f" sent {report.bytes_sent / 1e6:.2f} MB, received {report.bytes_received / 1e6:.2f} MB,"
             f" comm {report.comm_seconds:.2f}s, compute {result.seconds:.2f}s, θ {report.params_sha256[:12]}"
         )
-        self._remember(record, report)
+        self._run_facts.remember(record, report.members)  # for the exported model card (peers.exportable)
         self._save_checkpoint()
         return record
 
@@ -313,10 +317,6 @@ class Peer:
         except CheckpointError as e:
             # Training state in memory is intact: keep training, say so loudly, try again next step.
             logger.error(f"{e}; training continues, the next outer step tries again")
-
-    def _remember(self, record: dict, report: OuterStepReport) -> None:
-        """Keep what the exported model card tells about the run (see peers.exportable)."""
-        self._run_facts.remember(record, report.members)
 
     def _export_facts(self) -> dict:
         """What `swarm-export` needs besides θ: the model, which rows of it this checkpoint holds, the run's facts."""

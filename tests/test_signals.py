@@ -116,8 +116,8 @@ def test_group_sigterm_during_the_outer_step_finishes_the_round_with_the_group(t
                         "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics-file", str(tmp_path / "leaver.jsonl"),
                         *SMALL, new_session=True)  # fmt: skip
     try:
-        wait_for(lambda: read_metrics(str(tmp_path / "leaver.jsonl")), 150, "the first outer step", leaver)
-        time.sleep(2)  # its 5 inner steps take a fraction of that; the steady peer's 150 take several seconds
+        log_file = tmp_path / "leaver.log"
+        wait_for(lambda: "outer step 2: inner loop done" in log_file.read_text(), 150, "its second outer step", leaver)
         assert len(read_metrics(str(tmp_path / "steady.jsonl"))) == 1, "the steady peer was not slower"
         left_at = stop_group_and_check(leaver, tmp_path, "leaver")
         log = (tmp_path / "leaver.log").read_text()

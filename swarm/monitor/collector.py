@@ -46,7 +46,6 @@ class Collector:
         self._live: dict[str, set[str]] = {}
         self._dht_peers = 0
         self._task: asyncio.Task | None = None
-        self._refreshed = asyncio.Event()
 
     async def start(self) -> Collector:
         self._task = asyncio.create_task(self._loop())
@@ -59,11 +58,6 @@ class Collector:
                 await self._task
             self._task = None
 
-    async def wait_refreshed(self, timeout: float) -> None:
-        """Wait for the next completed refresh (tests, and a first page that should not be empty)."""
-        self._refreshed.clear()
-        await asyncio.wait_for(self._refreshed.wait(), timeout)
-
     async def _loop(self) -> None:
         while True:
             try:
@@ -72,7 +66,6 @@ class Collector:
                 raise
             except Exception as e:  # a slow or failed DHT read only costs one refresh
                 logger.debug(f"monitor refresh failed: {e!r}")
-            self._refreshed.set()
             await asyncio.sleep(self.interval_seconds)
 
     async def refresh(self) -> None:
