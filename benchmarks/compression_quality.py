@@ -1,9 +1,9 @@
-"""Does 8-bit compression cost quality? The same seeded local-swarm run with each codec, side by side.
+"""Does 8-bit or 4-bit compression cost quality? The same seeded local-swarm run with each codec, side by side.
 
     python benchmarks/compression_quality.py [--peers 3] [--outer-steps 8] [--inner-steps 30]
 
 Runs the real programs (a bootstrap node and N `swarm-peer` processes on 127.0.0.1) once per setting: `none`,
-`int8`, and `int8` with error feedback. Every run uses the same peer identities and seed, so peers see the same data
+`int8`, `int8` with error feedback, and `int4`. Every run uses the same peer identities and seed, so peers see the same data
 in the same order and start from the same θ: the settings differ only in what travels on the wire. Prints the loss
 of the last outer steps (mean over peers and the last two steps), the bytes each peer sent per outer step, and both
 as ratios against `none`.
@@ -26,6 +26,7 @@ SETTINGS = {
     "none": ["--compression", "none"],
     "int8": ["--compression", "int8"],
     "int8+ef": ["--compression", "int8", "--error-feedback"],
+    "int4": ["--compression", "int4"],
 }
 
 

@@ -101,7 +101,7 @@ network, training, data, observability, checkpoints = (
     default=1,
     help="New groups tried for the same outer step, without the lost members, after a member was lost mid-round.",
 )
-@training("--inner-steps", type=click.IntRange(min=1), default=50, help="H: inner AdamW steps per outer step.")
+@training("--inner-steps", type=click.IntRange(min=1), default=30, help="H: inner AdamW steps per outer step.")
 @training("--batch-size", type=click.IntRange(min=1), default=8, help="Sequences per inner step.")
 @training("--seq-len", type=click.IntRange(min=2), default=128, help="Tokens per sequence.")
 @training("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Inner AdamW learning rate.")
@@ -120,9 +120,9 @@ network, training, data, observability, checkpoints = (
 @training("--outer-lr", type=click.FloatRange(min=0, min_open=True), default=0.7, help="Outer SGD learning rate.")
 @training(
     "--outer-momentum",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.9,
-    help="Outer Nesterov momentum.",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.5,
+    help="Outer Nesterov momentum, in [0, 1); 0 is plain averaging.",
 )
 @training(
     "--error-feedback/--no-error-feedback",

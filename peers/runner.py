@@ -40,7 +40,7 @@ class PeerConfig:
     node: NodeConfig
     swarm: SwarmConfig
     inner: InnerConfig = field(default_factory=InnerConfig)
-    inner_steps: int = 50
+    inner_steps: int = 30
     """H: inner AdamW steps between outer steps."""
     batch_size: int = 8
     seq_len: int = 128

@@ -1,4 +1,4 @@
-"""Codecs for pseudo-gradients on the wire: fp32 (none), fp16, and blockwise 8-bit.
+"""Codecs for pseudo-gradients on the wire: fp32 (none), fp16, and blockwise 8-bit and 4-bit.
 
 Every codec encodes a flat float32 tensor to bytes and decodes those bytes back to float32. Decoding is a pure,
 elementwise function of the bytes, so every peer that decodes the same bytes gets bit-identical values: that is what
@@ -257,10 +257,154 @@ class Blockwise8BitCompression(Codec):
         return self._HEADER.size + 4 * self._n_blocks(numel) + numel
 
 
+class Blockwise4BitCompression(Codec):
+    """4 bits per value on 16 fitted levels, one signed float32 scale per block of `block_size` values.
+
+    Layout: [u32 block_size][float32 scale x n_blocks][u8 x ceil(numel / 2)], value 2i in the low nibble of byte i and
+    value 2i+1 in its high one; for an odd numel the last high nibble holds the code of 0. Code c stands for
+    LEVELS[c] * scale, where a block's scale is its value of largest magnitude, sign included: that value lands on
+    level +1 exactly, and the one level that 16 codes have beyond a symmetric 15 goes to the side of the block's
+    largest value. The levels are a Lloyd-Max fit to 64-value blocks of Gaussian and Student-t(3) data, dense near
+    zero like the int8 codec's square law; every value goes to its nearest level.
+
+    Relative L2 error measured on 4M values (held-out seeds), Gaussian / Student-t(3), blocks of 64:
+      these levels 8.7% / 11.5%; NF4 (QLoRA's levels, unsigned absmax) 9.2% / 12.3%;
+      square law (k/7)^2 11.6% / 12.4%; uniform k/7 10.8% / 18.1%.
+    These levels by block size: 32: 8.1% / 9.5% at 0.156x of fp32; 64: 8.7% / 11.5% at (0.5 + 4/64) / 4 = 0.141x;
+    128: 9.1% / 14.0% at 0.133x; 256: 9.5% / 17.0% at 0.129x. A single outlier coarsens every level of its block,
+    so heavy tails want small blocks; 64 is where halving the block stops paying for its scales (6% more bytes buy
+    a fifth less error on Student-t(3) going from 128 to 64, 11% more only a sixth less going on to 32).
+    No value is ever clipped: each value's error is at most |scale| * _MAX_ERROR (a value at -|scale| goes to the
+    most negative level, -0.8566).
+
+    Decoding is one lookup of a byte's two levels and one float32 multiply by the scale, in numpy, from a table of
+    float32 constants: every machine decodes the same bytes to the same bits. Encoding finds the nearest level through
+    a 2049-entry table over the block-normalized range and one comparison with the midpoint it may straddle.
+    """
+
+    name, version = "int4-block", 1
+    decodes_finite = True  # finite scales and levels within [-1, 1] (checked in _parts): finite values
+    _HEADER = struct.Struct("<I")
+    LEVELS = np.array(
+        [-0.8566, -0.6593, -0.5052, -0.3761, -0.2644, -0.1662, -0.0788, 0.0]
+        + [0.0742, 0.1559, 0.2472, 0.3499, 0.4673, 0.6047, 0.7733, 1.0],
+        dtype=np.float32,
+    )
+    _ZERO = 7  # LEVELS[7] == 0: the code of zero, of all-zero blocks and of the padding nibble
+    _MAX_ERROR = 0.1434  # largest distance from any point of [-1, 1] to its nearest level, in units of |scale|
+    # Byte -> its (low nibble, high nibble) levels as one 8-byte item: decoding is a single gather.
+    _PAIRS = np.ascontiguousarray(np.stack([np.tile(LEVELS, 16), np.repeat(LEVELS, 16)], axis=1)).view(np.uint64)[:, 0]
+    # Encoding works on t = (x / scale + 1) * 1024 in [0, 2048]: _BIN_CODE[floor(t)] is the code of the bin's lower
+    # end (minus a margin for rounding), and a value moves one code up if it lies past that code's upper midpoint.
+    # Bins are 0.001 wide and midpoints at least 0.07 apart: no bin straddles two.
+    _HALF_BINS = 1024
+    _SLAB_VALUES = 1 << 20
+    _MIDPOINTS = (LEVELS[1:].astype(np.float64) + LEVELS[:-1]) / 2
+    _BIN_CODE = np.searchsorted(_MIDPOINTS, np.arange(2 * _HALF_BINS + 1) / _HALF_BINS - 1 - 1e-4).astype(np.uint8)
+    _UPPER_T = np.append((_MIDPOINTS + 1) * _HALF_BINS, np.inf).astype(np.float32)
+
+    def __init__(self, block_size: int = 64):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+
+    def _n_blocks(self, numel: int) -> int:
+        return -(-numel // self.block_size)
+
+    def encode(self, flat: torch.Tensor) -> bytearray:
+        flat = _as_flat_fp32(flat)
+        numel, bs = flat.numel(), self.block_size
+        n_blocks = self._n_blocks(numel)
+        out = bytearray(self.encoded_size(numel))
+        self._HEADER.pack_into(out, 0, bs)
+        if numel == 0:
+            return out
+        if numel == n_blocks * bs:
+            blocks = flat.view(n_blocks, bs)
+        else:
+            blocks = torch.zeros(n_blocks * bs, dtype=torch.float32)
+            blocks[:numel] = flat
+            blocks = blocks.view(n_blocks, bs)
+        low, high = torch.aminmax(blocks, dim=1)  # a NaN anywhere in a block makes both NaN
+        absmax = torch.maximum(high, -low)
+        finite = torch.isfinite(absmax)
+        signed = torch.where(high >= -low, high, low)
+        # Like int8: a block with NaN or inf is sent with a NaN or inf scale, which every decoder refuses.
+        scale = torch.where(finite, torch.where(absmax > 0, signed, torch.zeros_like(signed)), absmax)
+        np.frombuffer(out, dtype="<f4", count=n_blocks, offset=self._HEADER.size)[:] = scale.numpy()
+        safe = torch.where(finite & (absmax > 0), signed, torch.ones_like(signed))
+        # The block padding encodes as zero's code; the one extra code pads an odd numel when the blocks do not.
+        codes = np.empty(n_blocks * bs + 1, dtype=np.uint8)
+        codes[-1] = self._ZERO
+        # Slabs of blocks keep the temporaries in cache, and their memory small next to the vector's.
+        slab = -(-self._SLAB_VALUES // bs)
+        for lo in range(0, n_blocks, slab):
+            hi = min(lo + slab, n_blocks)
+            # Division, not multiplication by a reciprocal: 1 / scale overflows for subnormal scales, and the quotient
+            # of a value by its block's largest magnitude stays within [-1, 1].
+            work = torch.div(blocks[lo:hi], safe[lo:hi, None])
+            if not bool(finite[lo:hi].all()):
+                work[~finite[lo:hi]] = 0.0  # their codes go unread; zero keeps the table lookups in range
+            work.add_(1.0).mul_(float(self._HALF_BINS))
+            t = work.view(-1).numpy()
+            part = codes[lo * bs : hi * bs]
+            np.take(self._BIN_CODE, t.astype(np.int32), out=part)
+            part += t > np.take(self._UPPER_T, part)
+        pairs = -(-numel // 2)
+        packed = np.frombuffer(out, dtype=np.uint8, offset=self._HEADER.size + 4 * n_blocks)
+        np.bitwise_or(codes[0 : 2 * pairs : 2], codes[1 : 2 * pairs : 2] << 4, out=packed)
+        return out
+
+    def _parts(self, payload, numel: int):
+        """(block size, scales, packed codes) of a payload, checked: right size and block size, finite scales, the
+        padding nibble of an odd numel holding the code of zero."""
+        expected = self.encoded_size(numel)
+        if len(payload) != expected:
+            raise CodecError(f"int4 payload has {len(payload)} bytes, expected {expected}")
+        (bs,) = self._HEADER.unpack_from(payload, 0)
+        if bs != self.block_size:
+            raise CodecError(f"int4 payload uses blocks of {bs}, this peer uses {self.block_size}")
+        n_blocks = self._n_blocks(numel)
+        offset = self._HEADER.size
+        scale = np.frombuffer(payload, dtype="<f4", count=n_blocks, offset=offset).astype(np.float32)
+        packed = np.frombuffer(payload, dtype=np.uint8, count=-(-numel // 2), offset=offset + 4 * n_blocks)
+        if not np.isfinite(scale).all():
+            raise CodecError("int4 payload carries a non-finite scale")
+        if numel % 2 and packed[-1] >> 4 != self._ZERO:
+            # Never produced, and refused like int8's unused code -128: a payload is well formed to its last bit.
+            raise CodecError("int4 payload has a non-zero padding nibble")
+        return bs, scale, packed
+
+    def decode(self, payload, numel: int) -> torch.Tensor:
+        return self.decode_into(payload, torch.empty(numel, dtype=torch.float32))
+
+    def check_finite(self, payload, numel: int) -> torch.Tensor | None:
+        self._parts(payload, numel)  # every level times a finite scale is finite: no decoding
+        return None
+
+    def decode_into(self, payload, out: torch.Tensor) -> torch.Tensor:
+        numel = out.numel()
+        bs, scale, packed = self._parts(payload, numel)
+        values = out.numpy()
+        pairs = numel // 2
+        np.take(self._PAIRS, packed[:pairs], out=values[: 2 * pairs].view(np.uint64))
+        if numel % 2:
+            values[-1] = self.LEVELS[packed[-1] & 15]
+        full = (numel // bs) * bs
+        values[:full].reshape(-1, bs)[...] *= scale[: numel // bs, None]
+        if full < numel:
+            values[full:] *= scale[-1]
+        return out
+
+    def encoded_size(self, numel: int) -> int:
+        return self._HEADER.size + 4 * self._n_blocks(numel) + -(-numel // 2)
+
+
 CODECS: dict[str, type[Codec]] = {
     "none": NoCompression,
     "fp16": Float16Compression,
     "int8": Blockwise8BitCompression,
+    "int4": Blockwise4BitCompression,
 }
 
 

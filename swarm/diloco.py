@@ -45,9 +45,11 @@ class SwarmConfig:
     run_id: str
     """Peers average only with peers of the same run id."""
     outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float = 0.5
+    """Nesterov momentum of the outer SGD; 0 is plain averaging. 0.7 and 0.5 (an effective step lr/(1-momentum) of
+    1.4) won benchmarks/quality.py for one peer and for groups of three; see README, Training quality."""
     compression: str = "int8"
-    """Wire codec of pseudo-gradients: int8 (blockwise), fp16 or none."""
+    """Wire codec of pseudo-gradients: int8 or int4 (blockwise), fp16 or none."""
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
     allreduce_timeout_seconds: float = 120.0
     """Bound on one all-reduce once the group is formed."""

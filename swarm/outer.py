@@ -17,12 +17,14 @@ class OuterOptimizer:
     def __init__(self, params: Sequence[torch.Tensor], lr: float = 0.7, momentum: float = 0.9):
         if lr <= 0:
             raise ValueError(f"outer learning rate must be positive, got {lr}")
-        if not 0 < momentum < 1:
-            raise ValueError(f"outer momentum must be in (0, 1) for Nesterov, got {momentum}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
         self.params = [
             p if isinstance(p, torch.nn.Parameter) else torch.nn.Parameter(p, requires_grad=False) for p in params
         ]
-        self._sgd = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=True, foreach=False)
+        # Momentum 0 is plain averaging (θ ← θ − lr·Δ; lr 1 takes the group's mean of the local parameters), which
+        # torch's SGD does only without the Nesterov flag.
+        self._sgd = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=False)
 
     @torch.no_grad()
     def step(self, pseudo_gradient: Sequence[torch.Tensor]) -> None:

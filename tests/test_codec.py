@@ -100,4 +100,4 @@ def test_fp16_saturates_instead_of_sending_inf():
 @pytest.mark.timeout(30)
 def test_unknown_codec_name():
     with pytest.raises(ValueError, match="unknown compression"):
-        make_codec("int4")
+        make_codec("int3")

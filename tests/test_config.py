@@ -118,7 +118,7 @@ def test_a_bad_key_in_the_file_is_an_error_naming_it_and_the_file(tmp_path, text
         ("[training]\nbatch-size = true\n", "--batch-size"),  # click would take it as 1
         ("[training]\nlr = [0.1]\n", "--lr"),
         ('[network]\ndirect = "no"\n', "--direct"),
-        ('[network]\ncompression = "int4"\n', "--compression"),
+        ('[network]\ncompression = "int3"\n', "--compression"),
         ("[observability]\ndashboard-port = 70000\n", "--dashboard-port"),
         ("[network]\nmatchmaking-timeout = { seconds = 3 }\n", "--matchmaking-timeout"),
     ],

@@ -119,7 +119,7 @@ def test_unreachable_initial_peer_fails_clearly_and_quickly():
         (["--min-group-size", "3", "--max-group-size", "2"], "--max-group-size"),
         (["--initial-peers", "/ip4/127.0.0.1/tcp/4000"], "--initial-peers"),
         (["--initial-peers", "not-an-address/p2p/x"], "--initial-peers"),
-        (["--compression", "int4"], "--compression"),
+        (["--compression", "int3"], "--compression"),
         (["--inner-steps", "0"], "--inner-steps"),
         (["--outer-momentum", "1.5"], "--outer-momentum"),
         (["--run-id", "bad id!"], "--run-id"),

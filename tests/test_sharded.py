@@ -17,6 +17,7 @@ from peers.launch import read_metrics, start_bootstrap, start_peer, stop
 from peers.sharded import worker_node_config
 from peers.workers import launch
 from swarm import NodeConfig, records
+from swarm.diloco import SwarmConfig
 from swarm.matchmaking import Group, parse_shard_nodes
 from swarm.outer import OuterOptimizer
 from swarm.wire import ProtocolError
@@ -46,7 +47,8 @@ def test_two_sharded_peers_equal_the_reference_diloco(tmp_path):
     initial = [torch.load(f"{out}/peer{p}-initial.pt") for p in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*initial, strict=True))
     theta = [t.clone() for t in initial[0]]
-    outer = OuterOptimizer(theta, lr=0.7, momentum=0.9)  # the reference DiLoCo, on the whole model in one place
+    # The reference DiLoCo, on the whole model in one place, with the settings the peers ran with (the defaults).
+    outer = OuterOptimizer(theta, lr=SwarmConfig.outer_lr, momentum=SwarmConfig.outer_momentum)
     for step in range(steps):
         got = [torch.load(f"{out}/peer{p}-step{step}.pt") for p in range(2)]
         assert [g["status"] for g in got] == ["averaged", "averaged"]

@@ -48,7 +48,9 @@ def assert_params_close(params, expected, message: str = "differs from reference
         assert torch.allclose(got, want, atol=1e-6, rtol=0), message
 
 
-def reference_outer_step(theta, locals_, tokens, lr=0.7, momentum=0.9, momentum_buffers=None):
+def reference_outer_step(
+    theta, locals_, tokens, lr=SwarmConfig.outer_lr, momentum=SwarmConfig.outer_momentum, momentum_buffers=None
+):
     """DiLoCo by hand: token-weighted mean of pseudo-gradients, then torch.optim.SGD(nesterov=True)."""
     params = [torch.nn.Parameter(t.clone()) for t in theta]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)

@@ -1,0 +1,321 @@
+"""Do more peers train a better model? Held-out loss against tokens for a swarm, one peer and data-parallel, in one run.
+
+    python benchmarks/quality.py [--peers 3] [--outer-steps 30] [--inner-steps 30] [--seeds 0,1]
+        [--warmup-steps 45] [--decay-steps 900] [--model embedded] [--compression-check]
+
+Arms, all with the same model and θ0 (from the seed), per-worker batch, inner AdamW and inner schedule, and all
+evaluated on the same held-out batches (the embedded corpus's held-out split) every `--inner-steps` steps:
+- `one-peer`: one worker training with plain AdamW (a k-th of the swarm's tokens);
+- `data-parallel`: k workers (torch.distributed, gloo) averaging gradients every step: the swarm's tokens, a k-times
+  larger global batch; what the swarm would be with free communication;
+- `diloco-m1`: DiLoCo with one replica: the same inner loop, then the outer optimizer (`swarm.outer`, with the
+  settings a lone peer uses) every H steps; the same code path as a `swarm-peer` that averages alone;
+- `diloco-ideal` (not run by default): k DiLoCo replicas in one process with the exact mean and no network, to tell
+  the algorithm's gap from what the swarm adds to it (compression, grouping);
+- `swarm`: k real `swarm-peer` processes and a bootstrap node on 127.0.0.1, grouped as k every outer step, each
+  evaluating the global θ after every outer step (`eval_loss` in its metrics);
+- with `--compression-check`, `swarm-none`: the same with `--compression none`.
+
+Prints held-out loss against tokens (mean over seeds), the final loss per arm (mean and spread over seeds), the gap
+of the swarm to data-parallel in percent, the share of data-parallel's gain over one peer that the swarm recovers,
+DiLoCo M=1 against plain AdamW, and int8 against none. `--peer-args "..."` passes more flags to the swarm's peers
+(e.g. "--outer-momentum 0.5"); `--outer-lr`/`--outer-momentum` set both the swarm's and the M=1 arm's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from peers.launch import read_metrics, start_bootstrap, start_peer, stop  # noqa: E402
+
+ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm", "diloco-ideal")
+DEFAULT_ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm")
+
+
+def _setup(opts: dict, seed: int, worker: int):
+    """Model, data stream, inner config and evaluator of one worker: the same recipe for every arm."""
+    from peers.data import TokenBatcher, load_text_dataset
+    from peers.evaluate import EvalConfig, Evaluator
+    from peers.inner import InnerConfig
+    from peers.model import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(opts["model"], seed)
+    batches = TokenBatcher(
+        load_text_dataset(opts["dataset"], "train"),
+        loaded.tokenizer,
+        opts["batch_size"],
+        opts["seq_len"],
+        seed=seed * 1_000_003 + 7919 * (worker + 1),
+    )
+    inner = InnerConfig(lr=opts["lr"], warmup_steps=opts["warmup_steps"], decay_steps=opts["decay_steps"])
+    evaluator = Evaluator(
+        EvalConfig(batches=opts["eval_batches"]), loaded.model, loaded.tokenizer, opts["batch_size"], opts["seq_len"],
+        "cpu", None,
+    )  # fmt: skip
+    return loaded.model, batches, inner, evaluator
+
+
+def _data_parallel_worker(rank: int, world: int, port: int, opts: dict, seed: int, out: str) -> None:
+    """Plain AdamW on `world` workers that average gradients every step (world 1: one peer alone)."""
+    import torch.distributed as dist
+
+    model, batches, inner, evaluator = _setup(opts, seed, rank)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=inner.lr, betas=inner.betas, weight_decay=inner.weight_decay)
+    curve, tokens_per_step = [], opts["batch_size"] * opts["seq_len"] * world
+    total_steps = opts["outer_steps"] * opts["inner_steps"]
+    model.train()
+    for step in range(total_steps):
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = inner.lr_at(step)
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        if inner.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, inner.max_grad_norm)
+        optimizer.step()
+        if rank == 0 and (step + 1) % opts["inner_steps"] == 0:
+            curve.append(((step + 1) * tokens_per_step, evaluator.loss()))
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(curve, f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_data_parallel(opts: dict, seed: int, world: int, workdir: str) -> list:
+    import torch.multiprocessing as mp
+
+    out = os.path.join(workdir, f"dp{world}-seed{seed}.json")
+    if world == 1:  # one worker needs no process group: train here
+        _data_parallel_worker(0, 1, 0, opts, seed, out)
+    else:
+        mp.spawn(_data_parallel_worker, args=(world, _free_port(), opts, seed, out), nprocs=world, join=True)
+    with open(out) as f:
+        return [tuple(point) for point in json.load(f)]
+
+
+def run_diloco(opts: dict, seed: int, replicas: int = 1) -> list:
+    """DiLoCo in one process, without the network: `replicas` inner loops, the exact token-weighted mean of their
+    pseudo-gradients, and the outer optimizer (`swarm.outer`). One replica is what a `swarm-peer` that averages alone
+    computes; k replicas are the swarm's algorithm without compression, matchmaking or timing."""
+    from peers.inner import InnerLoop
+    from swarm.flat import difference, unflatten
+    from swarm.outer import OuterOptimizer
+
+    workers = [_setup(opts, seed, i) for i in range(replicas)]
+    evaluator = workers[0][3]
+    inners = [InnerLoop(model, batches, config) for model, batches, config, _ in workers]
+    models = [[p for p in model.parameters()] for model, *_ in workers]
+    outer = OuterOptimizer([p.detach().clone() for p in models[0]], **opts["outer"])
+    curve, tokens = [], 0
+    for t in range(opts["outer_steps"]):
+        deltas, weights = [], []
+        for inner, params in zip(inners, models):
+            result = inner.run(opts["inner_steps"], first_step=t * opts["inner_steps"])
+            tokens += result.tokens
+            deltas.append(difference(outer.params, [p.detach() for p in params]))
+            weights.append(result.tokens)
+        mean = sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
+        outer.step(unflatten(mean, outer.params))
+        with torch.no_grad():
+            for params in models:
+                for p, g in zip(params, outer.params):
+                    p.copy_(g)
+        curve.append((tokens, evaluator.loss()))
+    return curve
+
+
+def _schedule_flags(opts: dict) -> list[str]:
+    flags = ["--lr", str(opts["lr"]), "--warmup-steps", str(opts["warmup_steps"])]
+    if opts["decay_steps"] is not None:
+        flags += ["--decay-steps", str(opts["decay_steps"])]
+    return flags
+
+
+def run_swarm(opts: dict, seed: int, workdir: str, name: str, extra: list[str]) -> list:
+    """k real `swarm-peer` processes; the curve is the mean over peers of the held-out loss of θ after each step."""
+    rundir = os.path.join(workdir, f"{name}-seed{seed}")
+    boot = start_bootstrap(rundir)
+    procs, k = [], opts["peers"]
+    outer = []
+    if opts["outer"].get("lr") is not None:
+        outer += ["--outer-lr", str(opts["outer"]["lr"])]
+    if opts["outer"].get("momentum") is not None:
+        outer += ["--outer-momentum", str(opts["outer"]["momentum"])]
+    try:
+        for i in range(k):
+            args = [
+                "--run-id", f"quality-{name}-{seed}", "--seed", str(seed), "--model", opts["model"],
+                "--dataset", opts["dataset"], "--identity", os.path.join(opts["identities"], f"peer{i}.id"),
+                "--outer-steps", str(opts["outer_steps"]), "--inner-steps", str(opts["inner_steps"]),
+                "--batch-size", str(opts["batch_size"]), "--seq-len", str(opts["seq_len"]),
+                "--min-group-size", str(k), "--eval-batches", str(opts["eval_batches"]),
+                "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
+                *_schedule_flags(opts), *outer, *extra,
+            ]  # fmt: skip
+            procs.append(start_peer(rundir, f"peer{i}", boot.maddrs, *args))
+        codes = [p.wait(timeout=3 * 3600) for p in procs]
+        if any(codes):
+            raise RuntimeError(f"{name}: peers exited with {codes}; see {rundir}")
+    finally:
+        for p in procs:
+            stop(p)
+        stop(boot.process)
+    records = [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(k)]
+    by_step: dict[int, list] = {}
+    for rec in records:
+        for r in rec:
+            by_step.setdefault(r["outer_step"], []).append(r)
+    curve, tokens, partial = [], 0, 0
+    for step in sorted(by_step):
+        rows = by_step[step]
+        partial += any(r["group_size"] != k for r in rows) or len({r["params_sha256"] for r in rows}) != 1
+        tokens += sum(r["tokens"] for r in rows)
+        losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+        curve.append((tokens, statistics.mean(losses)))
+    if partial:
+        print(f"warning: {name} seed {seed}: {partial} outer steps not averaged by all {k} peers", file=sys.stderr)
+    return curve
+
+
+def _mean_curve(curves: list[list]) -> list:
+    n = min(len(c) for c in curves)
+    return [(statistics.mean(c[i][0] for c in curves), statistics.mean(c[i][1] for c in curves)) for i in range(n)]
+
+
+@click.command()
+@click.option("--peers", type=click.IntRange(min=2), default=3, help="k: swarm peers and data-parallel workers.")
+@click.option("--outer-steps", type=click.IntRange(min=1), default=30)
+@click.option("--inner-steps", type=click.IntRange(min=1), default=30, help="H.")
+@click.option("--seeds", default="0,1", help="Comma-separated seeds (θ0 and data order); every arm runs each.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8)
+@click.option("--seq-len", type=click.IntRange(min=8), default=128)
+@click.option("--lr", type=float, default=1e-3)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Default: 5% of the run.")
+@click.option("--decay-steps", type=click.IntRange(min=1), default=None, help="Default: the run's length.")
+@click.option("--constant-lr", is_flag=True, help="No decay after the warmup: what an open-ended run does.")
+@click.option("--model", default="embedded")
+@click.option("--dataset", default="embedded")
+@click.option("--eval-batches", type=click.IntRange(min=1), default=16)
+@click.option("--outer-lr", type=float, default=None, help="Default: swarm-peer's.")
+@click.option("--outer-momentum", type=float, default=None, help="Default: swarm-peer's.")
+@click.option("--peer-args", default="", help="More swarm-peer flags for the swarm arms.")
+@click.option("--arms", default=",".join(DEFAULT_ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")
+@click.option(
+    "--identities",
+    default=os.path.join(os.path.expanduser("~"), ".cache", "swarm", "quality-identities"),
+    help="Where the swarm peers' identity files live (made on first use). A peer's data order comes from its id and "
+    "the seed, so runs that share them see the same data: their differences are the settings', not the data's.",
+)
+@click.option("--compression-check", is_flag=True, help="Also run the swarm with --compression none.")
+def main(**opts) -> None:
+    total = opts["outer_steps"] * opts["inner_steps"]
+    opts["warmup_steps"] = round(0.05 * total) if opts["warmup_steps"] is None else opts["warmup_steps"]
+    if opts.pop("constant_lr"):
+        opts["decay_steps"] = None
+    elif opts["decay_steps"] is None:
+        opts["decay_steps"] = total
+    opts["outer"] = {"lr": opts.pop("outer_lr"), "momentum": opts.pop("outer_momentum")}
+    seeds = [int(s) for s in opts.pop("seeds").split(",")]
+    arms = opts.pop("arms").split(",")
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise click.BadParameter(f"unknown arms {sorted(unknown)}", param_hint="'--arms'")
+    extra = shlex.split(opts.pop("peer_args"))
+    if opts.pop("compression_check"):
+        arms.append("swarm-none")
+    workdir = tempfile.mkdtemp(prefix="swarm-quality-")
+    os.makedirs(opts["identities"], exist_ok=True)
+    k = opts["peers"]
+    curves: dict[str, list] = {arm: [] for arm in arms}
+    seconds: dict[str, float] = {arm: 0.0 for arm in arms}
+    for seed in seeds:
+        for arm in arms:
+            started = time.perf_counter()
+            if arm == "one-peer":
+                curve = run_data_parallel(opts, seed, 1, workdir)
+            elif arm == "data-parallel":
+                curve = run_data_parallel(opts, seed, k, workdir)
+            elif arm in ("diloco-m1", "diloco-ideal"):
+                outer = {key: value for key, value in opts["outer"].items() if value is not None}
+                curve = run_diloco({**opts, "outer": outer}, seed, 1 if arm == "diloco-m1" else k)
+            else:
+                codec = ["--compression", "none"] if arm == "swarm-none" else []
+                curve = run_swarm(opts, seed, workdir, arm, extra + codec)
+            seconds[arm] += time.perf_counter() - started
+            curves[arm].append(curve)
+            print(f"seed {seed} {arm}: held-out {curve[-1][1]:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    print()
+    schedule = "constant" if opts["decay_steps"] is None else f"cosine to {opts['decay_steps']}"
+    print(
+        f"{k} peers, {opts['outer_steps']} outer steps x H={opts['inner_steps']}, batch {opts['batch_size']} x "
+        f"{opts['seq_len']} per worker, lr {opts['lr']} warmup {opts['warmup_steps']}, {schedule},\n"
+        f"  model {opts['model']}, seeds {seeds}, peer flags {extra or 'default'}"
+    )
+    print("held-out loss against tokens (mean over seeds):")
+    mean = {arm: _mean_curve(c) for arm, c in curves.items()}
+    ref = mean.get("swarm") or next(iter(mean.values()))
+    marks = sorted({max(0, round(f * len(ref)) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)})
+    print(f"{'tokens':>10} " + " ".join(f"{arm:>13}" for arm in arms))
+    for i in marks:
+        tokens = ref[i][0]
+        row = []
+        for arm in arms:
+            # Arms with a k-th of the tokens per step: the point at the same token count, if they reached it.
+            points = [p for p in mean[arm] if abs(p[0] - tokens) <= 0.01 * tokens]
+            row.append(f"{points[0][1]:13.4f}" if points else f"{'-':>13}")
+        print(f"{tokens:>10.0f} " + " ".join(row))
+    print("final held-out loss (mean ± spread over seeds), tokens, seconds:")
+    final = {}
+    for arm in arms:
+        values = [c[-1][1] for c in curves[arm]]
+        final[arm] = statistics.mean(values)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"  {arm:<14} {final[arm]:.4f} ± {spread:.4f}  {curves[arm][0][-1][0]:>10.0f}  {seconds[arm]:6.0f}")
+    if {"swarm", "data-parallel"} <= final.keys():
+        print(f"swarm vs data-parallel: {100 * (final['swarm'] / final['data-parallel'] - 1):+.2f}%")
+    if {"swarm", "data-parallel", "one-peer"} <= final.keys():
+        gain = final["one-peer"] - final["data-parallel"]
+        share = (final["one-peer"] - final["swarm"]) / gain
+        print(f"share of data-parallel's gain over one peer the swarm recovers: {share:.0%}")
+    if {"diloco-m1", "one-peer"} <= final.keys():
+        print(f"DiLoCo M=1 vs plain AdamW: {100 * (final['diloco-m1'] / final['one-peer'] - 1):+.2f}%")
+    if {"swarm", "swarm-none"} <= final.keys():
+        print(f"int8 vs none: {100 * (final['swarm'] / final['swarm-none'] - 1):+.2f}%")
+    print(f"logs: {workdir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The outer optimizer's settings and the quality benchmark's baselines.
+
+The benchmark's figures come from long runs (benchmarks/quality.py); these tests keep its arms honest: DiLoCo with
+one replica and plain averaging must reproduce plain AdamW step for step, and the outer step's settings must be
+what the flags say.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from peers.cli import build_config
+from peers.cli import main as peer_main
+from swarm.outer import OuterOptimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "benchmarks", "quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def peer_config(*args: str):
+    ctx = peer_main.make_context("swarm-peer", list(args))
+    flags = dict(ctx.params)
+    flags.pop("print_config")
+    return build_config(flags)
+
+
+@pytest.mark.timeout(30)
+def test_outer_momentum_zero_is_plain_averaging():
+    theta = [torch.randn(4, 3), torch.randn(5)]
+    local = [t - 0.1 * torch.randn_like(t) for t in theta]
+    outer = OuterOptimizer([t.clone() for t in theta], lr=1.0, momentum=0.0)
+    for _ in range(2):  # no momentum carries over: the second step moves by its own Δ alone
+        start = [p.detach().clone() for p in outer.params]
+        delta = [s - q for s, q in zip(start, local, strict=True)]
+        outer.step(delta)
+        for p, q in zip(outer.params, local, strict=True):
+            assert torch.allclose(p, q, atol=1e-6, rtol=0)
+        local = [p.detach() - 0.1 * torch.randn_like(p) for p in outer.params]
+    assert outer.momentum() is None
+
+
+@pytest.mark.timeout(30)
+def test_outer_momentum_flag_takes_zero_and_refuses_one():
+    assert peer_config("--outer-momentum", "0").swarm.outer_momentum == 0.0
+    result = CliRunner().invoke(peer_main, ["--outer-momentum", "1", "--print-config"], prog_name="swarm-peer")
+    assert result.exit_code == 2
+    assert "--outer-momentum" in result.output and "0<=x<1" in result.output
+
+
+@pytest.mark.timeout(180)
+def test_diloco_with_one_replica_and_plain_averaging_reproduces_adamw(tmp_path):
+    """The benchmark's one-peer arm (its data-parallel code with one worker) and its DiLoCo M=1 arm (the inner loop
+    and the outer optimizer, as a lone peer runs them) must agree exactly when the outer step is the identity, so
+    any gap the benchmark reports between them comes from the outer settings, not from the harness."""
+    quality = load_benchmark()
+    opts = {
+        "model": "embedded", "dataset": "embedded", "batch_size": 2, "seq_len": 32, "lr": 1e-3,
+        "warmup_steps": 2, "decay_steps": 8, "eval_batches": 1, "outer_steps": 2, "inner_steps": 4,
+    }  # fmt: skip
+    adamw = quality.run_data_parallel(opts, seed=3, world=1, workdir=str(tmp_path))
+    m1 = quality.run_diloco({**opts, "outer": {"lr": 1.0, "momentum": 0.0}}, seed=3)
+    assert [tokens for tokens, _ in adamw] == [tokens for tokens, _ in m1] == [4 * 64, 8 * 64]
+    for (_, a), (_, b) in zip(adamw, m1, strict=True):
+        assert abs(a - b) < 1e-4, (adamw, m1)
+    # And the outer step is not a no-op when it extrapolates: the harness sees the outer settings.
+    extrapolated = quality.run_diloco({**opts, "outer": {"lr": 1.5, "momentum": 0.0}}, seed=3)
+    assert abs(extrapolated[-1][1] - m1[-1][1]) > 1e-4
