@@ -3,10 +3,10 @@
     python benchmarks/compression_quality.py [--peers 3] [--outer-steps 8] [--inner-steps 30]
 
 Runs the real programs (a bootstrap node and N `swarm-peer` processes on 127.0.0.1) once per setting: `none`,
-`int8`, `int8` with error feedback, and `int4`. Every run uses the same peer identities and seed, so peers see the same data
-in the same order and start from the same θ: the settings differ only in what travels on the wire. Prints the loss
-of the last outer steps (mean over peers and the last two steps), the bytes each peer sent per outer step, and both
-as ratios against `none`.
+`int8`, `int8` with error feedback, and `int4`. Every run uses the same peer identities and seed, so peers see the
+same data in the same order and start from the same θ: the settings differ only in what travels on the wire. Prints
+the loss of the last outer steps (mean over peers and the last two steps), the bytes each peer sent per outer step,
+and both as ratios against `none`.
 """
 
 from __future__ import annotations

@@ -203,7 +203,8 @@ def run_swarm(opts: dict, seed: int, workdir: str, name: str, extra: list[str]) 
         partial += any(r["group_size"] != k for r in rows) or len({r["params_sha256"] for r in rows}) != 1
         tokens += sum(r["tokens"] for r in rows)
         losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-        curve.append((tokens, statistics.mean(losses)))
+        if losses:  # a step with no evaluation (a failed round, --eval-every) leaves no point
+            curve.append((tokens, statistics.mean(losses)))
     if partial:
         print(f"warning: {name} seed {seed}: {partial} outer steps not averaged by all {k} peers", file=sys.stderr)
     return curve
@@ -228,8 +229,10 @@ def _mean_curve(curves: list[list]) -> list:
 @click.option("--model", default="embedded")
 @click.option("--dataset", default="embedded")
 @click.option("--eval-batches", type=click.IntRange(min=1), default=16)
-@click.option("--outer-lr", type=float, default=None, help="Default: swarm-peer's.")
-@click.option("--outer-momentum", type=float, default=None, help="Default: swarm-peer's.")
+@click.option("--outer-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: swarm-peer's.")
+@click.option(
+    "--outer-momentum", type=click.FloatRange(0, 1, max_open=True), default=None, help="Default: swarm-peer's."
+)
 @click.option("--peer-args", default="", help="More swarm-peer flags for the swarm arms.")
 @click.option("--arms", default=",".join(DEFAULT_ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")
 @click.option(
@@ -243,6 +246,8 @@ def main(**opts) -> None:
     total = opts["outer_steps"] * opts["inner_steps"]
     opts["warmup_steps"] = round(0.05 * total) if opts["warmup_steps"] is None else opts["warmup_steps"]
     if opts.pop("constant_lr"):
+        if opts["decay_steps"] is not None:
+            raise click.BadParameter("--constant-lr takes no --decay-steps", param_hint="'--decay-steps'")
         opts["decay_steps"] = None
     elif opts["decay_steps"] is None:
         opts["decay_steps"] = total
@@ -268,7 +273,11 @@ def main(**opts) -> None:
             elif arm == "data-parallel":
                 curve = run_data_parallel(opts, seed, k, workdir)
             elif arm in ("diloco-m1", "diloco-ideal"):
-                outer = {key: value for key, value in opts["outer"].items() if value is not None}
+                from swarm import SwarmConfig
+
+                # Unset, the M=1 arm takes the settings swarm-peer runs with by default.
+                defaults = {"lr": SwarmConfig.outer_lr, "momentum": SwarmConfig.outer_momentum}
+                outer = {key: defaults[key] if value is None else value for key, value in opts["outer"].items()}
                 curve = run_diloco({**opts, "outer": outer}, seed, 1 if arm == "diloco-m1" else k)
             else:
                 codec = ["--compression", "none"] if arm == "swarm-none" else []
@@ -308,12 +317,14 @@ def main(**opts) -> None:
         print(f"swarm vs data-parallel: {100 * (final['swarm'] / final['data-parallel'] - 1):+.2f}%")
     if {"swarm", "data-parallel", "one-peer"} <= final.keys():
         gain = final["one-peer"] - final["data-parallel"]
-        share = (final["one-peer"] - final["swarm"]) / gain
-        print(f"share of data-parallel's gain over one peer the swarm recovers: {share:.0%}")
+        if gain > 0:
+            share = (final["one-peer"] - final["swarm"]) / gain
+            print(f"share of data-parallel's gain over one peer the swarm recovers: {share:.0%}")
     if {"diloco-m1", "one-peer"} <= final.keys():
         print(f"DiLoCo M=1 vs plain AdamW: {100 * (final['diloco-m1'] / final['one-peer'] - 1):+.2f}%")
     if {"swarm", "swarm-none"} <= final.keys():
-        print(f"int8 vs none: {100 * (final['swarm'] / final['swarm-none'] - 1):+.2f}%")
+        codec = extra[extra.index("--compression") + 1] if "--compression" in extra else "int8"
+        print(f"{codec} vs none: {100 * (final['swarm'] / final['swarm-none'] - 1):+.2f}%")
     print(f"logs: {workdir}")
 
 

@@ -117,12 +117,17 @@ network, training, data, observability, checkpoints = (
     default=None,
     help="Inner steps of the run after which a cosine decay reaches 10% of --lr; default: no decay.",
 )
-@training("--outer-lr", type=click.FloatRange(min=0, min_open=True), default=0.7, help="Outer SGD learning rate.")
+@training(
+    "--outer-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SwarmConfig.outer_lr,
+    help="Outer SGD learning rate.",
+)
 @training(
     "--outer-momentum",
     type=click.FloatRange(0, 1, max_open=True),
-    default=0.5,
-    help="Outer Nesterov momentum, in [0, 1); 0 is plain averaging.",
+    default=SwarmConfig.outer_momentum,
+    help="Outer Nesterov momentum, in [0, 1); 0 is plain SGD (with --outer-lr 1, plain averaging).",
 )
 @training(
     "--error-feedback/--no-error-feedback",

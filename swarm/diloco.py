@@ -34,7 +34,7 @@ from swarm.codec import make_codec
 from swarm.flat import all_finite, difference, unflatten
 from swarm.matchmaking import Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
-from swarm.outer import OuterOptimizer
+from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, OuterOptimizer
 from swarm.state import RunState, StateServer, download_state, majority_hash, snapshot_of
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,10 @@ logger = logging.getLogger(__name__)
 class SwarmConfig:
     run_id: str
     """Peers average only with peers of the same run id."""
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.5
-    """Nesterov momentum of the outer SGD; 0 is plain averaging. 0.7 and 0.5 (an effective step lr/(1-momentum) of
-    1.4) won benchmarks/quality.py for one peer and for groups of three; see README, Training quality."""
+    outer_lr: float = DEFAULT_LR
+    outer_momentum: float = DEFAULT_MOMENTUM
+    """Nesterov momentum of the outer SGD; 0 is plain SGD (with outer_lr 1: plain averaging). Part of what the peers
+    of a group must share, with outer_lr."""
     compression: str = "int8"
     """Wire codec of pseudo-gradients: int8 or int4 (blockwise), fp16 or none."""
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
@@ -68,6 +68,10 @@ class SwarmConfig:
     shard: tuple[int, int] | None = None
     """(index, count): this Swarm holds shard `index` of a peer whose model is sharded over `count` workers
     (see swarm.sharded); None for a peer that holds its whole model."""
+
+    @property
+    def outer_description(self) -> str:
+        return f"outer lr {self.outer_lr:g} momentum {self.outer_momentum:g}"
 
     @property
     def namespace(self) -> str:
@@ -140,8 +144,9 @@ class Swarm:
         self.params = self.outer.params
         self.codec = make_codec(config.compression)
         self.namespace = config.namespace
-        self.schema = records.schema_hash(config.run_id, [p.shape for p in self.params], self.codec.tag, layout)
-        about = records.describe_schema([p.shape for p in self.params], self.codec.tag, layout)
+        shapes, outer = [p.shape for p in self.params], config.outer_description
+        self.schema = records.schema_hash(config.run_id, shapes, self.codec.tag, layout, outer)
+        about = records.describe_schema(shapes, self.codec.tag, layout, outer)
         self.matchmaker = Matchmaker(node, self.namespace, self.schema, config.matchmaking, about)
         self.averager = Averager(
             node, self.namespace, self.codec, config.allreduce_timeout_seconds, direct=config.direct_data_plane

@@ -48,19 +48,21 @@ def shard_namespace(run_id: str, index: int, count: int) -> str:
     return run_id if index == 0 else f"{run_id}.shard{index}of{count}"
 
 
-def schema_hash(run_id: str, shapes: Sequence[Sequence[int]], codec_tag: str, layout: str = "") -> str:
-    """What two peers must share to average together: protocol, run, parameter layout, wire codec, worker layout."""
+def schema_hash(run_id: str, shapes: Sequence[Sequence[int]], codec_tag: str, layout: str = "", outer: str = "") -> str:
+    """What two peers must share to average together: protocol, run, parameter layout, wire codec, worker layout and
+    outer optimizer settings (members apply the same average: with other settings their θ would part at once)."""
     h = hashlib.sha256()
-    h.update(f"swarm-protocol/{PROTOCOL_VERSION}\0{run_id}\0{codec_tag}\0{layout}\0".encode())
+    h.update(f"swarm-protocol/{PROTOCOL_VERSION}\0{run_id}\0{codec_tag}\0{layout}\0{outer}\0".encode())
     for shape in shapes:
         h.update((",".join(str(int(s)) for s in shape) + ";").encode())
     return h.hexdigest()[:32]
 
 
-def describe_schema(shapes: Sequence[Sequence[int]], codec_tag: str, layout: str = "") -> str:
+def describe_schema(shapes: Sequence[Sequence[int]], codec_tag: str, layout: str = "", outer: str = "") -> str:
     numel = sum(math.prod(shape) for shape in shapes)
     about = f"protocol {PROTOCOL_VERSION}, codec {codec_tag}, {numel:,} parameters in {len(shapes)} tensors"
-    return f"{about}, {layout}" if layout else f"{about}, one worker"
+    about = f"{about}, {layout}" if layout else f"{about}, one worker"
+    return f"{about}, {outer}" if outer else about
 
 
 def row_digests(tensor: torch.Tensor) -> bytes:

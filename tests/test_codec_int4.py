@@ -1,6 +1,8 @@
 """The int4 codec: the int8 codec's properties (bounded error, refusal of malformed or non-finite payloads, identical
 decoding everywhere, accumulate = decode then add), at 4 bits a value."""
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,7 @@ def reference_decode(payload: bytes, numel: int) -> np.ndarray:
 def payload_of(scales, nibbles) -> bytes:
     nibbles = list(nibbles) + [7] * (len(nibbles) % 2)
     packed = bytes(lo | (hi << 4) for lo, hi in zip(nibbles[0::2], nibbles[1::2], strict=True))
-    return np.uint32(BS).tobytes() + np.asarray(scales, "<f4").tobytes() + packed
+    return struct.pack("<I", BS) + np.asarray(scales, "<f4").tobytes() + packed
 
 
 @pytest.mark.timeout(30)
@@ -189,7 +191,7 @@ def test_malformed_payloads_are_refused(numel, data):
         CODEC.check_finite(bytes(broken), numel)
     # another block size in the header
     broken = bytearray(payload)
-    broken[0:4] = np.uint32(BS * 2).tobytes()
+    broken[0:4] = struct.pack("<I", BS * 2)
     with pytest.raises(CodecError, match="blocks of"):
         CODEC.decode(bytes(broken), numel)
     # a padding nibble other than zero's code

@@ -51,6 +51,22 @@ def test_outer_momentum_zero_is_plain_averaging():
 
 
 @pytest.mark.timeout(30)
+def test_a_checkpoint_brings_back_the_momentum_buffers_but_never_its_settings():
+    theta = [torch.randn(4, 3)]
+    saved = OuterOptimizer([t.clone() for t in theta], lr=0.7, momentum=0.9)
+    saved.step([torch.randn(4, 3)])
+    resumed = OuterOptimizer([t.clone() for t in theta], lr=0.5, momentum=0.5)
+    resumed.load_state_dict(saved.state_dict())
+    group = resumed._sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.5, 0.5, True)
+    assert torch.equal(resumed.momentum()[0], saved.momentum()[0])
+    plain = OuterOptimizer([t.clone() for t in theta], lr=1.0, momentum=0.0)
+    plain.load_state_dict(saved.state_dict())
+    assert (plain._sgd.param_groups[0]["momentum"], plain._sgd.param_groups[0]["nesterov"]) == (0.0, False)
+    assert plain.momentum() is None
+
+
+@pytest.mark.timeout(30)
 def test_outer_momentum_flag_takes_zero_and_refuses_one():
     assert peer_config("--outer-momentum", "0").swarm.outer_momentum == 0.0
     result = CliRunner().invoke(peer_main, ["--outer-momentum", "1", "--print-config"], prog_name="swarm-peer")

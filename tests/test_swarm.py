@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def reference_outer_step(
 ):
     """DiLoCo by hand: token-weighted mean of pseudo-gradients, then torch.optim.SGD(nesterov=True)."""
     params = [torch.nn.Parameter(t.clone()) for t in theta]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if momentum_buffers is not None:
         opt.load_state_dict(momentum_buffers)
     total = sum(tokens)
@@ -141,6 +142,22 @@ async def test_peer_with_another_codec_is_never_grouped(caplog):
             warnings = [r.getMessage() for r in caplog.records if "incompatible" in r.getMessage()]
             assert any("it runs protocol 1, codec none/v1" in w and "this peer runs" in w for w in warnings)
             assert any("it runs protocol 1, codec int8-sqblock/v1" in w for w in warnings)
+
+
+@pytest.mark.timeout(120)
+async def test_peer_with_other_outer_settings_is_never_grouped(caplog):
+    """Members apply the same average with their own outer optimizer: with another momentum their θ would part."""
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        momenta = [0.5, 0.5, 0.9]
+        cfg = lambda i: dataclasses.replace(config(timeout=4), outer_momentum=momenta[i])  # noqa: E731
+        async with running_swarms(nodes, theta, cfg) as swarms:
+            locals_ = [perturbed(theta, i) for i in range(3)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(swarms, locals_)])
+            assert [r.group_size for r in reports] == [2, 2, 1]
+            assert reports[0].params_sha256 == reports[1].params_sha256
+            warnings = [r.getMessage() for r in caplog.records if "incompatible" in r.getMessage()]
+            assert any("outer lr 0.7 momentum 0.9" in w and "outer lr 0.7 momentum 0.5" in w for w in warnings)
 
 
 @pytest.mark.timeout(60)
