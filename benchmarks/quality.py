@@ -147,7 +147,10 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1) -> list:
             deltas.append(difference(outer.params, [p.detach() for p in params]))
             weights.append(result.tokens)
         mean = sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
-        outer.step(unflatten(mean, outer.params))
+        if replicas == 1:  # what a peer that averages alone applies
+            outer.step_alone(unflatten(mean, outer.params))
+        else:
+            outer.step(unflatten(mean, outer.params))
         with torch.no_grad():
             for params in models:
                 for p, g in zip(params, outer.params):
@@ -194,9 +197,12 @@ def run_swarm(opts: dict, seed: int, workdir: str, name: str, extra: list[str]) 
         stop(boot.process)
     records = [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(k)]
     by_step: dict[int, list] = {}
+    # A peer that resynced skipped steps and so runs past the others: the curve ends where every peer has been.
+    last = min(rec[-1]["outer_step"] for rec in records)
     for rec in records:
         for r in rec:
-            by_step.setdefault(r["outer_step"], []).append(r)
+            if r["outer_step"] <= last:
+                by_step.setdefault(r["outer_step"], []).append(r)
     curve, tokens, partial = [], 0, 0
     for step in sorted(by_step):
         rows = by_step[step]

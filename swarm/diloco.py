@@ -372,7 +372,7 @@ class Swarm:
                 timeout = self.config.matchmaking.timeout_seconds
                 why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
                 logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-                self._apply(delta)
+                self._apply(delta, alone=True)
                 return self._advance(StepStatus.ALONE, 1, started, attempts=attempt)
             attempt += 1
             try:
@@ -417,8 +417,12 @@ class Swarm:
             self._average = torch.empty(numel, dtype=torch.float32)
         return self._average
 
-    def _apply(self, flat_delta: torch.Tensor) -> None:
-        self.outer.step(unflatten(flat_delta, self.params))
+    def _apply(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
+        """The outer step with a group's average, or (alone) with this peer's own Δ: see OuterOptimizer.step_alone."""
+        if alone:
+            self.outer.step_alone(unflatten(flat_delta, self.params))
+        else:
+            self.outer.step(unflatten(flat_delta, self.params))
         self._state_version += 1
 
     def _advance(

@@ -42,6 +42,20 @@ class OuterOptimizer:
         for p in self.params:
             p.grad = None
 
+    @torch.no_grad()
+    def step_alone(self, pseudo_gradient: Sequence[torch.Tensor]) -> None:
+        """The outer step of a peer with nobody to average with: θ takes its own inner result (θ ← θ − Δ), and the
+        momentum is left as the last group made it.
+
+        Nesterov's extrapolation pays off on a group's mean, whose noise the averaging has cut; on one trajectory it
+        extrapolates the noise too. Measured (benchmarks/quality.py, one replica, lr 0.7 and momentum 0.5 against
+        plain AdamW): -0.87% on the embedded model, +3.3% on a 5.6M-parameter one; 0.7 and 0.9: +12.6%. Alone, a
+        peer trains exactly as plain AdamW would, on any model."""
+        if len(pseudo_gradient) != len(self.params):
+            raise ValueError(f"got {len(pseudo_gradient)} pseudo-gradient tensors for {len(self.params)} parameters")
+        for p, g in zip(self.params, pseudo_gradient):
+            p.sub_(g.to(dtype=p.dtype).reshape(p.shape))
+
     def momentum(self) -> list[torch.Tensor] | None:
         """The momentum buffers, or None before the first step."""
         buffers = [self._sgd.state.get(p, {}).get("momentum_buffer") for p in self.params]

@@ -181,7 +181,7 @@ class ShardedSwarm:
                 timeout = swarm.config.matchmaking.timeout_seconds
                 why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
                 logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-                swarm._apply(delta)
+                swarm._apply(delta, alone=True)
                 return swarm._advance(StepStatus.ALONE, 1, started, attempts=attempt)
             attempt += 1
             outcome, result, shard_group = await self._average_shard(group, contribution, float(tokens), residual)
