@@ -20,7 +20,7 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peers.launch import read_metrics, start_bootstrap, start_peer, stop  # noqa: E402
+from peers.launch import read_metrics, run_to_end  # noqa: E402
 
 SETTINGS = {
     "none": ["--compression", "none"],
@@ -32,25 +32,16 @@ SETTINGS = {
 
 def run_setting(workdir: str, name: str, peers: int, outer_steps: int, inner_steps: int) -> tuple[float, float]:
     rundir = os.path.join(workdir, name)
-    boot = start_bootstrap(rundir)
-    procs = []
-    try:
-        for i in range(peers):
-            args = [
-                "--run-id", f"quality-{name.replace('+', '-')}", "--seed", "0",
-                "--identity", os.path.join(workdir, f"peer{i}.id"),
-                "--outer-steps", str(outer_steps), "--inner-steps", str(inner_steps),
-                "--min-group-size", str(peers), "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
-                *SETTINGS[name],
-            ]  # fmt: skip
-            procs.append(start_peer(rundir, f"peer{i}", boot.maddrs, *args))
-        codes = [p.wait(timeout=1800) for p in procs]
-        if any(codes):
-            raise RuntimeError(f"{name}: peers exited with {codes}; see {rundir}")
-    finally:
-        for p in procs:
-            stop(p)
-        stop(boot.process)
+    peer_args = []
+    for i in range(peers):
+        peer_args.append([
+            "--run-id", f"quality-{name.replace('+', '-')}", "--seed", "0",
+            "--identity", os.path.join(workdir, f"peer{i}.id"),
+            "--outer-steps", str(outer_steps), "--inner-steps", str(inner_steps),
+            "--min-group-size", str(peers), "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
+            *SETTINGS[name],
+        ])  # fmt: skip
+    run_to_end(rundir, peer_args, timeout=1800)
     records = [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(peers)]
     if any(r["group_size"] != peers for rec in records for r in rec):
         print(f"warning: {name}: some outer steps averaged in smaller groups", file=sys.stderr)

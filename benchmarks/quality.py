@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peers.launch import read_metrics, start_bootstrap, start_peer, stop  # noqa: E402
+from peers.launch import read_metrics, run_to_end  # noqa: E402
 
 ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm", "diloco-ideal")
 DEFAULT_ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm")
@@ -169,32 +169,23 @@ def _schedule_flags(opts: dict) -> list[str]:
 def run_swarm(opts: dict, seed: int, workdir: str, name: str, extra: list[str]) -> list:
     """k real `swarm-peer` processes; the curve is the mean over peers of the held-out loss of θ after each step."""
     rundir = os.path.join(workdir, f"{name}-seed{seed}")
-    boot = start_bootstrap(rundir)
-    procs, k = [], opts["peers"]
-    outer = []
+    k, outer = opts["peers"], []
     if opts["outer"].get("lr") is not None:
         outer += ["--outer-lr", str(opts["outer"]["lr"])]
     if opts["outer"].get("momentum") is not None:
         outer += ["--outer-momentum", str(opts["outer"]["momentum"])]
-    try:
-        for i in range(k):
-            args = [
-                "--run-id", f"quality-{name}-{seed}", "--seed", str(seed), "--model", opts["model"],
-                "--dataset", opts["dataset"], "--identity", os.path.join(opts["identities"], f"peer{i}.id"),
-                "--outer-steps", str(opts["outer_steps"]), "--inner-steps", str(opts["inner_steps"]),
-                "--batch-size", str(opts["batch_size"]), "--seq-len", str(opts["seq_len"]),
-                "--min-group-size", str(k), "--eval-batches", str(opts["eval_batches"]),
-                "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
-                *_schedule_flags(opts), *outer, *extra,
-            ]  # fmt: skip
-            procs.append(start_peer(rundir, f"peer{i}", boot.maddrs, *args))
-        codes = [p.wait(timeout=3 * 3600) for p in procs]
-        if any(codes):
-            raise RuntimeError(f"{name}: peers exited with {codes}; see {rundir}")
-    finally:
-        for p in procs:
-            stop(p)
-        stop(boot.process)
+    peer_args = []
+    for i in range(k):
+        peer_args.append([
+            "--run-id", f"quality-{name}-{seed}", "--seed", str(seed), "--model", opts["model"],
+            "--dataset", opts["dataset"], "--identity", os.path.join(opts["identities"], f"peer{i}.id"),
+            "--outer-steps", str(opts["outer_steps"]), "--inner-steps", str(opts["inner_steps"]),
+            "--batch-size", str(opts["batch_size"]), "--seq-len", str(opts["seq_len"]),
+            "--min-group-size", str(k), "--eval-batches", str(opts["eval_batches"]),
+            "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
+            *_schedule_flags(opts), *outer, *extra,
+        ])  # fmt: skip
+    run_to_end(rundir, peer_args, timeout=3 * 3600)
     records = [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(k)]
     by_step: dict[int, list] = {}
     # A peer that resynced skipped steps and so runs past the others: the curve ends where every peer has been.

@@ -69,6 +69,23 @@ def start_peer(
     return process
 
 
+def run_to_end(workdir: str, peer_args: list[list[str]], timeout: float) -> None:
+    """A bootstrap node and one `swarm-peer` per argument list (logs {workdir}/peer{i}.log), until every peer exits;
+    raises if one fails. Benchmarks give each peer `--outer-steps`, so the run ends by itself."""
+    boot = start_bootstrap(workdir)
+    procs = []
+    try:
+        for i, args in enumerate(peer_args):
+            procs.append(start_peer(workdir, f"peer{i}", boot.maddrs, *args))
+        codes = [p.wait(timeout=timeout) for p in procs]
+        if any(codes):
+            raise RuntimeError(f"peers exited with {codes}; see {workdir}")
+    finally:
+        for p in procs:
+            stop(p)
+        stop(boot.process)
+
+
 def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []

@@ -1,4 +1,5 @@
-"""Properties of the int8 codec over generated inputs: sizes, error bounds, refusal of non-finite payloads."""
+"""Properties of the int8 codec over generated inputs: sizes, error bounds, refusal of non-finite payloads (int4's
+own in test_codec_int4.py)."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from swarm.codec import Blockwise8BitCompression, CodecError, make_codec
+from swarm.codec import Blockwise4BitCompression, Blockwise8BitCompression, CodecError, make_codec
 
 FINITE = st.floats(allow_nan=False, allow_infinity=False, width=32)
 CODEC = Blockwise8BitCompression()
@@ -45,11 +46,12 @@ def test_payload_is_one_byte_a_value_plus_one_scale_a_block(numel):
     st.integers(0, 599),
     st.sampled_from([float("nan"), float("inf"), float("-inf")]),
 )
-def test_a_nonfinite_value_never_decodes_silently(values, where, bad):
+@pytest.mark.parametrize("codec", [CODEC, Blockwise4BitCompression()], ids=["int8", "int4"])
+def test_a_nonfinite_value_never_decodes_silently(codec, values, where, bad):
     values = values.copy()
     values[where % len(values)] = bad
-    with pytest.raises(CodecError):
-        CODEC.decode(CODEC.encode(torch.from_numpy(values)), len(values))
+    with pytest.raises(CodecError, match="non-finite"):
+        codec.decode(codec.encode(torch.from_numpy(values)), len(values))
 
 
 @pytest.mark.timeout(120)
