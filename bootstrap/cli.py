@@ -14,6 +14,7 @@ import click
 
 from peers.config import ConfigCommand, grouped, monitor_config, monitor_options
 from swarm import NodeConfig, SwarmConnectionError, SwarmNode
+from swarm.access import load_key
 from swarm.monitor import MonitorConfig
 from swarm.monitor.collector import Collector
 from swarm.monitor.prometheus import swarm_registry
@@ -36,6 +37,12 @@ network, observability = grouped("network"), grouped("observability")
     type=click.Path(dir_okay=False),
     default="bootstrap.id",
     help="Private key file; keeps the same peer id across restarts (created if missing).",
+)
+@network(
+    "--swarm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Shared secret file of a private swarm: only nodes with the same key are admitted (see README).",
 )
 @network(
     "--host-maddrs",
@@ -63,6 +70,13 @@ def main(**flags) -> None:
     sys.exit(asyncio.run(_serve(config, list(flags["run_ids"]), flags["health_interval"], monitor)))
 
 
+def swarm_key(path: str | None) -> bytes | None:
+    try:
+        return None if path is None else load_key(path)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--swarm-key'") from None
+
+
 def build_config(flags: dict) -> tuple[NodeConfig, MonitorConfig]:
     """The node's and the monitor's configuration from the flags; errors name the flag to fix."""
     for run_id in flags["run_ids"]:
@@ -75,6 +89,7 @@ def build_config(flags: dict) -> tuple[NodeConfig, MonitorConfig]:
         host_maddrs=list(flags["host_maddrs"]),
         announce_maddrs=list(flags["announce_maddrs"]),
         identity_path=flags["identity"],
+        swarm_key=swarm_key(flags["swarm_key"]),
     )
     try:
         config.validate()

@@ -59,6 +59,12 @@ network, training, data, observability, checkpoints = (
     help="Private key file: a stable peer id across restarts (created if missing).",
 )
 @network(
+    "--swarm-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Shared secret file of a private run: only nodes with the same key are admitted (see README).",
+)
+@network(
     "--connect-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
@@ -247,6 +253,15 @@ def _run_worker(config, rank: int, count: int) -> int:
         dist.destroy_process_group()
 
 
+def _swarm_key(path: str | None) -> bytes | None:
+    from swarm.access import load_key
+
+    try:
+        return None if path is None else load_key(path)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--swarm-key'") from None
+
+
 def build_config(flags: dict):
     """Validate flags that only make sense together; errors name the flag to fix."""
     from peers.evaluate import EvalConfig
@@ -297,6 +312,7 @@ def build_config(flags: dict):
         announce_maddrs=_check_maddrs("'--announce-maddrs'", flags["announce_maddrs"]),
         identity_path=flags["identity"],
         connect_timeout_seconds=flags["connect_timeout"],
+        swarm_key=_swarm_key(flags["swarm_key"]),
     )
     swarm = SwarmConfig(
         run_id=flags["run_id"],

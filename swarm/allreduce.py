@@ -175,7 +175,7 @@ class Averager:
         return [] if self._direct is None else self._direct.endpoints
 
     async def start(self) -> None:
-        await self.node.p2p.add_binary_stream_handler(self._protocol, self._handle)
+        await self.node.add_stream_handler(self._protocol, self._handle)
         if self._direct is not None:
             try:
                 await self._direct.start(self.node.config.host_maddrs, await self.node.visible_maddrs())
@@ -189,7 +189,7 @@ class Averager:
         if self._direct is not None:
             await self._direct.close()
         with contextlib.suppress(Exception):
-            await self.node.p2p.remove_binary_stream_handler(self._protocol)
+            await self.node.remove_stream_handler(self._protocol)
 
     def _round(self, group_id: bytes) -> _Round:
         self._expire_stale_rounds()
@@ -357,7 +357,7 @@ class Averager:
 
         async def ask(index: int) -> None:
             peer = group.peer_ids[index]
-            _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
+            reader, writer = await self.node.open_stream(peer, self._protocol)
             try:
                 wanted = [i for i in missing if i not in rnd.values]
                 request = {"type": "fetch", "group_id": group.group_id, "parts": wanted}
@@ -472,7 +472,7 @@ class Averager:
         key = group.keys.get(peer)
         if group.secret and endpoints and key and self._direct is not None and peer not in self._unreachable:
             try:
-                secret = self.direct_key.pair_secret(group.secret, key)
+                secret = self.node.access.direct_secret(self.direct_key.pair_secret(group.secret, key))
                 opened = await direct.connect(
                     endpoints, group.group_id, group.my_index, index, secret, min(5.0, self.timeout_seconds)
                 )
@@ -481,7 +481,7 @@ class Averager:
             except (ConnectionError, OSError, ValueError) as e:  # ValueError: a key no secret can be made with
                 self._unreachable.add(peer)  # behind a NAT or a firewall: no use trying every round
                 logger.info(f"cannot reach {peer} directly ({e}); its all-reduce bytes go through the p2p daemons")
-        _, reader, writer = await self.node.p2p.call_binary_stream_handler(peer, self._protocol)
+        reader, writer = await self.node.open_stream(peer, self._protocol)
         self.streams["relayed"] += 1
         return reader, writer
 
@@ -530,7 +530,7 @@ class Averager:
             raise ProtocolError(f"member {sender} of group {group_id.hex()} announced no direct key")
         # Only that member and we can compute this secret: the connection proves who opened it.
         try:
-            secret = self.direct_key.pair_secret(group.secret, key)
+            secret = self.node.access.direct_secret(self.direct_key.pair_secret(group.secret, key))
         except ValueError as e:
             raise ProtocolError(f"member {sender} announced an unusable direct key: {e}") from None
         if not hmac.compare_digest(mac, direct.group_mac(secret, group_id, sender, group.my_index)):

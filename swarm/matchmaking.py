@@ -217,7 +217,7 @@ class Matchmaker:
         return self.node.peer_id
 
     async def start(self) -> None:
-        await self.node.p2p.add_binary_stream_handler(self._protocol, self._handle_join)
+        await self.node.add_stream_handler(self._protocol, self._handle_join)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
 
     async def close(self) -> None:
@@ -230,7 +230,7 @@ class Matchmaker:
             await asyncio.wait({self._heartbeat_task}, timeout=5)
             self._heartbeat_task = None
         with contextlib.suppress(Exception):
-            await self.node.p2p.remove_binary_stream_handler(self._protocol)
+            await self.node.remove_stream_handler(self._protocol)
 
     def set_outer_step(self, outer_step: int) -> None:
         """Tell the swarm (at once) which outer step this peer now works on."""
@@ -424,8 +424,8 @@ class Matchmaker:
         async def ping() -> float:
             writer = None
             try:
-                _, reader, writer = await asyncio.wait_for(
-                    self.node.p2p.call_binary_stream_handler(peer, self._protocol), self.config.request_timeout_seconds
+                reader, writer = await asyncio.wait_for(
+                    self.node.open_stream(peer, self._protocol), self.config.request_timeout_seconds
                 )
                 await write_frame(writer, {"type": "ping"})
                 reply, _ = await asyncio.wait_for(
@@ -490,8 +490,8 @@ class Matchmaker:
         writer = None
         try:
             try:
-                _, reader, writer = await asyncio.wait_for(
-                    self.node.p2p.call_binary_stream_handler(leader, self._protocol),
+                reader, writer = await asyncio.wait_for(
+                    self.node.open_stream(leader, self._protocol),
                     self.config.request_timeout_seconds,
                 )
             except Exception as e:  # unreachable: neither follow it nor wait for it

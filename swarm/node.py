@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,12 +22,17 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm import reaper
+from swarm.access import CHECK_PROTOCOL, Access, KeyAuthorizer, guarded
 
 logger = logging.getLogger(__name__)
 
 
 class SwarmConnectionError(RuntimeError):
     """The node could not start or could not reach any of its initial peers."""
+
+
+class SwarmAccessError(SwarmConnectionError):
+    """The initial peers do not admit this node: its swarm key is missing, differs, or is not wanted (swarm.access)."""
 
 
 @dataclass
@@ -43,6 +49,8 @@ class NodeConfig:
     """Bound on starting the daemon and joining the DHT through the initial peers."""
     client_mode: bool = False
     """A client node can reach others but does not serve DHT requests (for peers behind NAT)."""
+    swarm_key: bytes | None = field(default=None, repr=False)
+    """The private swarm's shared secret (swarm.access.load_key reads it from a file); None for an open swarm."""
 
     def validate(self) -> None:
         for maddr in [*self.initial_peers, *self.host_maddrs, *self.announce_maddrs]:
@@ -55,6 +63,8 @@ class NodeConfig:
                 raise ValueError(f"initial peer {maddr!r} lacks its peer id: use the full address ending in /p2p/<id>")
         if self.connect_timeout_seconds <= 0:
             raise ValueError("connect_timeout_seconds must be positive")
+        if self.swarm_key is not None and len(self.swarm_key) < 32:
+            raise ValueError("a swarm key has at least 32 bytes")
 
 
 _spawning = 0  # SwarmNode.create calls in progress that want the p2p daemon in a session of its own
@@ -101,10 +111,11 @@ def _daemon_in_own_session():
 class SwarmNode:
     """Use `await SwarmNode.create(config)` and `await node.close()`, or `async with await SwarmNode.create(...)`."""
 
-    def __init__(self, dht: DHTNode, config: NodeConfig):
+    def __init__(self, dht: DHTNode, config: NodeConfig, access: Access | None = None):
         self.dht = dht
         self.p2p: P2P = dht.p2p
         self.config = config
+        self.access = access or Access(config.swarm_key)
         self._closed = False
         daemon = getattr(self.p2p, "_child", None)  # hivemind keeps the p2pd process here
         self._reaper = reaper.watch(os.getpid(), daemon.pid) if daemon is not None else None
@@ -116,32 +127,74 @@ class SwarmNode:
         if config.identity_path is not None:
             parent = os.path.dirname(os.path.abspath(config.identity_path))
             os.makedirs(parent, exist_ok=True)
+        access = Access(config.swarm_key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.connect_timeout_seconds
+        p2p = None
         try:
+            # The daemon first, then the key check against the initial peers, then the DHT: a node whose key does
+            # not fit learns why before its DHT bootstrap would fail on refused requests without saying why.
             with _daemon_in_own_session():
-                dht = await asyncio.wait_for(
-                    DHTNode.create(
+                p2p = await asyncio.wait_for(
+                    P2P.create(
                         initial_peers=config.initial_peers or None,
                         host_maddrs=config.host_maddrs,
                         announce_maddrs=config.announce_maddrs or None,
                         identity_path=config.identity_path,
-                        client_mode=config.client_mode,
+                        dht_mode="client" if config.client_mode else "server",
                         # Only swarm's own loopback/LAN addresses matter; UPnP and AutoNAT probes would reach out.
                         nat_port_map=False,
                         auto_nat=False,
                         startup_timeout=config.connect_timeout_seconds,
-                        bootstrap_timeout=min(5.0, config.connect_timeout_seconds),
                     ),
                     timeout=config.connect_timeout_seconds,
                 )
-        except asyncio.TimeoutError:
-            raise SwarmConnectionError(
-                f"could not join the swarm through {config.initial_peers} within {config.connect_timeout_seconds:.0f}s;"
-                " check that the addresses are right and the nodes are up"
-            ) from None
-        except (P2PDaemonError, ConnectionError, OSError, RuntimeError) as e:
-            where = f"through {', '.join(config.initial_peers)}" if config.initial_peers else "(new swarm)"
-            raise SwarmConnectionError(f"could not start a swarm node {where}: {e}") from None
-        return cls(dht, config)
+            await p2p.add_binary_stream_handler(CHECK_PROTOCOL, functools.partial(access.serve_check, p2p))
+            if config.initial_peers:
+                peers = list(dict.fromkeys(PeerID.from_base58(Multiaddr(m)["p2p"]) for m in config.initial_peers))
+                refusal = await access.check_initial_peers(p2p, peers, max(1.0, deadline - loop.time()))
+                if refusal is not None:
+                    raise SwarmAccessError(refusal)
+            dht = await asyncio.wait_for(
+                DHTNode.create(
+                    p2p=p2p,
+                    initial_peers=config.initial_peers or None,
+                    client_mode=config.client_mode,
+                    authorizer=KeyAuthorizer(access) if access.keyed else None,
+                    bootstrap_timeout=min(5.0, config.connect_timeout_seconds),
+                ),
+                timeout=max(1.0, deadline - loop.time()),
+            )
+        except BaseException as e:
+            if p2p is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(p2p.shutdown(), 10)
+            if isinstance(e, SwarmConnectionError):
+                raise
+            if isinstance(e, asyncio.TimeoutError):
+                raise SwarmConnectionError(
+                    f"could not join the swarm through {config.initial_peers} within"
+                    f" {config.connect_timeout_seconds:.0f}s; check that the addresses are right and the nodes are up"
+                ) from None
+            if isinstance(e, (P2PDaemonError, ConnectionError, OSError, RuntimeError)):
+                where = f"through {', '.join(config.initial_peers)}" if config.initial_peers else "(new swarm)"
+                raise SwarmConnectionError(f"could not start a swarm node {where}: {e}") from None
+            raise
+        return cls(dht, config, access)
+
+    async def add_stream_handler(self, protocol: str, handler) -> None:
+        """Serve `protocol` (a binary stream handler); in a private swarm only to nodes that hold the key."""
+        await self.p2p.add_binary_stream_handler(protocol, guarded(self.access, protocol, self.peer_id, handler))
+
+    async def remove_stream_handler(self, protocol: str) -> None:
+        await self.p2p.remove_binary_stream_handler(protocol)
+
+    async def open_stream(self, peer: PeerID, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream to `peer`'s `protocol` handler; in a private swarm it opens with our proof of the key."""
+        _, reader, writer = await self.p2p.call_binary_stream_handler(peer, protocol)
+        if self.access.keyed:
+            writer.write(self.access.stream_proof(protocol, self.peer_id, peer))  # goes out with the first frame
+        return reader, writer
 
     @property
     def peer_id(self) -> PeerID:

@@ -93,11 +93,11 @@ class StateServer:
         return None
 
     async def start(self) -> None:
-        await self.node.p2p.add_binary_stream_handler(self.protocol, self._handle)
+        await self.node.add_stream_handler(self.protocol, self._handle)
 
     async def close(self) -> None:
         try:
-            await self.node.p2p.remove_binary_stream_handler(self.protocol)
+            await self.node.remove_stream_handler(self.protocol)
         except Exception as e:  # the daemon may already be gone
             logger.debug(f"removing the state handler failed: {e!r}")
 
@@ -147,7 +147,7 @@ class StateServer:
 
 
 async def _request(node, protocol, donor, message, max_payload, timeout) -> tuple[dict, bytes]:
-    _, reader, writer = await asyncio.wait_for(node.p2p.call_binary_stream_handler(donor, protocol), timeout)
+    reader, writer = await asyncio.wait_for(node.open_stream(donor, protocol), timeout)
     try:
         await write_frame(writer, message)
         header, payload = await asyncio.wait_for(read_frame(reader, max_payload=max_payload), timeout)
