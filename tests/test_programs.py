@@ -126,6 +126,7 @@ def test_unreachable_initial_peer_fails_clearly_and_quickly():
         (["--announce-maddrs", "/ip4/1.2.3.4/tcp/0"], "--announce-maddrs"),
         (["--warmup-steps", "100", "--decay-steps", "50"], "--decay-steps"),
         (["--allreduce-retries", "-1"], "--allreduce-retries"),
+        (["--swarm-key", "/nonexistent/swarm.key"], "--swarm-key"),
     ],
 )
 def test_bad_flags_give_a_usage_error_naming_the_flag(args, flag):
