@@ -65,8 +65,12 @@ async def test_private_swarm_trains_and_an_uninvited_node_can_do_nothing():
         }
         for protocol, header in requests.items():
             _, reader, writer = await stranger.p2p.call_binary_stream_handler(victim.peer_id, protocol)
-            await write_frame(writer, header, b"\x7f" * (1 << 20))
-            assert await _refused(reader), protocol
+            try:  # the refusal may come while we are still writing the payload it never reads
+                await write_frame(writer, header, b"\x7f" * (1 << 20))
+                refused = await _refused(reader)
+            except (ConnectionError, OSError):
+                refused = True
+            assert refused, protocol
             writer.close()
         assert victim.access.refused[stranger.peer_id] == len(requests)
         assert not swarms[0].averager._rounds, "a refused part must not even open a round"
