@@ -23,6 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from swarm import reaper
 from swarm.access import CHECK_PROTOCOL, Access, KeyAuthorizer, guarded
+from swarm.signing import NodeIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class SwarmNode:
         if config.identity_path is not None:
             parent = os.path.dirname(os.path.abspath(config.identity_path))
             os.makedirs(parent, exist_ok=True)
+        # Our own key file, even without identity_path, so the DHT records this node writes can be signed with the key
+        # its peer id derives from (swarm.signing); p2pd would otherwise make a key that Python never sees.
+        identity = await asyncio.to_thread(NodeIdentity.open, config.identity_path)  # RSA keygen: ~50 ms of CPU
         access = Access(config.swarm_key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.connect_timeout_seconds
@@ -140,7 +144,8 @@ class SwarmNode:
                         initial_peers=config.initial_peers or None,
                         host_maddrs=config.host_maddrs,
                         announce_maddrs=config.announce_maddrs or None,
-                        identity_path=config.identity_path,
+                        identity_path=identity.path,
+                        check_if_identity_free=not identity.fresh,  # else a second daemon starts just to check
                         dht_mode="client" if config.client_mode else "server",
                         # Only swarm's own loopback/LAN addresses matter; UPnP and AutoNAT probes would reach out.
                         nat_port_map=False,
@@ -149,6 +154,8 @@ class SwarmNode:
                     ),
                     timeout=config.connect_timeout_seconds,
                 )
+            identity.check(p2p.peer_id)
+            identity.close()  # p2pd has read its key file: a temporary one goes now, so no kill can leave it behind
             await p2p.add_binary_stream_handler(CHECK_PROTOCOL, functools.partial(access.serve_check, p2p))
             if config.initial_peers:
                 peers = list(dict.fromkeys(PeerID.from_base58(Multiaddr(m)["p2p"]) for m in config.initial_peers))
@@ -161,11 +168,13 @@ class SwarmNode:
                     initial_peers=config.initial_peers or None,
                     client_mode=config.client_mode,
                     authorizer=KeyAuthorizer(access) if access.keyed else None,
+                    record_validator=identity.validator(),
                     bootstrap_timeout=min(5.0, config.connect_timeout_seconds),
                 ),
                 timeout=max(1.0, deadline - loop.time()),
             )
         except BaseException as e:
+            identity.close()
             if p2p is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(p2p.shutdown(), 10)
