@@ -141,6 +141,13 @@ network, training, data, observability, checkpoints = (
     help="Carry what compression lost of this peer's pseudo-gradient into its next contribution.",
 )
 @training(
+    "--robust-averaging/--no-robust-averaging",
+    default=True,
+    help="Reduce this peer's part of each all-reduce robustly: weights bounded by the group's median, far-off "
+    "contributions clipped, garbage dropped and its sender named in the log. Equal to the plain mean while "
+    "everyone is honest.",
+)
+@training(
     "--model",
     default="embedded",
     help="'embedded' (small Llama-style config, no download), a config .json, a local model directory, "
@@ -328,6 +335,7 @@ def build_config(flags: dict):
         allreduce_retries=flags["allreduce_retries"],
         direct_data_plane=flags["direct"],
         error_feedback=flags["error_feedback"],
+        robust_averaging=flags["robust_averaging"],
     )
     return PeerConfig(
         node=node,

@@ -13,6 +13,10 @@ When a member dies mid-round, the others lose as little as possible and never ap
   bytes, so the whole group still ends identical. Only if nobody holds some part does `all_reduce` raise
   AllReduceError (naming the members it lost, so a retry leaves them out), and then its caller applies nothing.
 
+A reducer may also lie. Every member judges each averaged part against its own contribution to it, with its own
+honestly reduced part as the reference (swarm.audit: three dot products per part); a part that cannot be an average
+fails the round for that member, and its reducer is caught (`Averager.caught`) and named as a suspect.
+
 Protocol (one binary stream per request, frames from `swarm.wire`):
   member -> reducer: {"type": "part", "group_id", "sender", "weight", "numel", "codec"} + encoded contribution
   reducer -> member: {"type": "averaged"} + encoded mean | {"type": "error", "reason"}
@@ -35,12 +39,13 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
-from swarm import direct, records
+from swarm import audit, direct, records
 from swarm.codec import Codec, CodecError
 from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
 from swarm.flat import all_finite
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
+from swarm.robust import bound_weights, gram, robust_weights
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
 
 logger = logging.getLogger(__name__)
@@ -154,9 +159,24 @@ class _Round:
 class Averager:
     """Serves the reduce side of all-reduces for one run on one node, and runs all-reduces for its owner."""
 
-    def __init__(self, node: SwarmNode, run_id: str, codec: Codec, timeout_seconds: float = 60.0, direct: bool = True):
+    def __init__(
+        self,
+        node: SwarmNode,
+        run_id: str,
+        codec: Codec,
+        timeout_seconds: float = 60.0,
+        direct: bool = True,
+        robust: bool = True,
+    ):
+        """`robust`: reduce our part robustly (swarm.robust: bounded weights, CenteredClip, garbage dropped) rather
+        than with the plain token-weighted mean; the two agree bit for bit while nobody is out of line."""
         self.node, self.run_id, self.codec = node, records.validate_namespace(run_id), codec
         self.timeout_seconds = timeout_seconds
+        self.robust = robust
+        self.caught: dict[PeerID, str] = {}
+        """Members whose contribution to a part we reduced was garbage (a lied weight, undecodable or non-finite
+        values, values far outside the others'), with the reason; robust mode only."""
+        self._scratch: torch.Tensor | None = None  # decoded contributions of our part, kept between rounds
         self._protocol = f"swarm/{run_id}/reduce/1"
         self._rounds: dict[bytes, _Round] = {}
         self._direct = DirectServer(self._handle_direct) if direct else None
@@ -281,15 +301,29 @@ class Averager:
             rnd.reducer = asyncio.create_task(self._reduce(rnd))
             tasks[asyncio.create_task(self._own_result(rnd))] = group.my_index
             lost, errors = await self._settle(rnd, tasks, deadline)
+            # Every averaged part a reducer sent us is judged against our own contribution to it (swarm.audit): one
+            # that cannot be an average fails the round for us, and its reducer is caught, so the retry leaves it out.
+            judge, liars = await _maybe_in_thread(self._audit, rnd, flat, float(weight))
+            for i, reason in liars.items():
+                del rnd.payloads[i], rnd.values[i]  # not passed on to a member that asks us for it
+                self._catch(group.peer_ids[i], f"its averaged part {i} cannot be an average of the group's: {reason}")
             missing = [i for i in range(group.size) if i not in rnd.values]
-            recovered = 0
-            if missing:
+            recovered, doubted = 0, set()
+            # Nobody holds a better copy of a part whose reducer sent garbage: every member got the same bytes.
+            garbage = set(liars) | {i for i in lost if group.peer_ids[i] in self.caught}
+            if missing and not garbage:
                 rnd.settled.set()  # we hold all we will get: other members may ask us now
                 reachable = [i for i in range(group.size) if i != group.my_index and i not in lost]
                 recovery_deadline = max(deadline, loop.time() + min(10.0, self.timeout_seconds))
-                recovered = await self._recover(group, rnd, missing, reachable, recovery_deadline)
+                recovered = await self._recover(group, rnd, missing, reachable, recovery_deadline, judge, doubted)
                 missing = [i for i in range(group.size) if i not in rnd.values]
-            suspects = [group.peer_ids[i] for i in sorted(lost)]
+            suspects = [group.peer_ids[i] for i in sorted(lost | doubted | set(liars))]
+            if liars:
+                raise AllReduceError(
+                    f"all-reduce of group {group.group_id.hex()}: members {sorted(liars)} returned averaged parts that"
+                    " cannot be averages of the group's contributions",
+                    suspects,
+                )
             if missing:
                 reasons = "; ".join(errors[:3]) or "timed out"
                 raise AllReduceError(
@@ -350,8 +384,13 @@ class Averager:
             errors.append(f"timed out waiting for members {sorted(silent)}")
         return lost, errors
 
-    async def _recover(self, group: Group, rnd: _Round, missing: list[int], members: list[int], deadline) -> int:
-        """Ask the other members for averaged parts we lack; returns how many we got."""
+    async def _recover(
+        self, group: Group, rnd: _Round, missing: list[int], members: list[int], deadline, judge=None, doubted=None
+    ) -> int:
+        """Ask the other members for averaged parts we lack; returns how many we got.
+
+        `judge` (from `_audit`) vets every part we get: a member that passes on one that cannot be an average goes
+        into `doubted` (a suspect of this round, no more: it may only have relayed its reducer's lie)."""
         loop = asyncio.get_running_loop()
         before = len(rnd.values)
 
@@ -375,6 +414,10 @@ class Averager:
                     values = await _maybe_in_thread(self.codec.decode, payload, hi - lo)
                     if not all_finite(values):
                         raise ProtocolError(f"member {index} sent a non-finite averaged part {i}")
+                    reason = None if judge is None else await _maybe_in_thread(judge, i, values)
+                    if reason is not None:
+                        doubted.add(index)
+                        raise ProtocolError(f"member {index} sent an averaged part {i} that cannot be one: {reason}")
                     if i not in rnd.values:
                         rnd.output[lo:hi] = values
                         rnd.payloads[i], rnd.values[i] = payload, rnd.output[lo:hi]
@@ -398,6 +441,26 @@ class Averager:
         if got:
             logger.info(f"got {got} averaged parts of group {group.group_id.hex()} from other members")
         return got
+
+    def _audit(self, rnd: _Round, flat: torch.Tensor, weight: float):
+        """(a judge of this round's averaged parts, the parts we hold that cannot be averages, with the reason).
+
+        Our own averaged part is the reference (swarm.audit); without it, or without robust averaging, nothing is
+        judged and the judge is None. Three dot products per part, in a worker thread for large vectors."""
+        me = rnd.group.my_index
+        if not self.robust or me not in rnd.values:
+            return None, {}
+        lo, hi = rnd.bounds[me]
+        reference = audit.figures(rnd.values[me], flat[lo:hi])
+        share = audit.our_share(weight, [w for w in rnd.weights.values() if w > 0], rnd.group.size)
+
+        def judge(i: int, values: torch.Tensor) -> str | None:
+            a, b = rnd.bounds[i]
+            found = audit.figures(values, flat[a:b])
+            return None if found is None else audit.judge(found, reference, share)
+
+        verdicts = {i: judge(i, values) for i, values in list(rnd.values.items()) if i != me}
+        return judge, {i: reason for i, reason in verdicts.items() if reason is not None}
 
     @staticmethod
     def _own_contribution(part: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -454,9 +517,9 @@ class Averager:
                 lo, hi = rnd.bounds[index]
                 values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
             except CodecError as e:
-                raise _MemberLost(index, f"{peer} sent an averaged part we cannot decode: {e}") from e
+                raise self._garbage(index, peer, f"an averaged part we cannot decode ({e})") from e
             if not self.codec.decodes_finite and not all_finite(values):
-                raise _MemberLost(index, f"{peer} sent back a non-finite average")
+                raise self._garbage(index, peer, "a non-finite averaged part")
             rnd.payloads[index], rnd.values[index] = averaged, values
             # Acknowledge: the reducer may shut down once every member has its part, and not before. We hold the
             # part already, so a reducer that vanished right after sending it costs us nothing.
@@ -464,6 +527,13 @@ class Averager:
                 await write_frame(writer, {"type": "ack"}, counter=rnd.counter)
         finally:
             close_writer(writer)
+
+    def _garbage(self, index: int, peer: PeerID, what: str) -> _MemberLost:
+        """A reducer sent `what`: a suspect of this round, and caught where reducers are robust (a robust reduction
+        of finite contributions is finite and decodes; a plain one may not be, when someone else sent garbage)."""
+        if self.robust:
+            self._catch(peer, f"it sent back {what}")
+        return _MemberLost(index, f"{peer} sent back {what}")
 
     async def _open(self, group: Group, index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A stream to member `index`: direct if it announced endpoints we can reach, else relayed by the daemons."""
@@ -490,7 +560,10 @@ class Averager:
             await rnd.complete.wait()
             # The sum is built where our averaged part will land: it is encoded before anyone decodes over it.
             lo, hi = rnd.bounds[rnd.group.my_index]
-            acc = await _maybe_in_thread(self._weighted_mean, rnd.contributions, rnd.output[lo:hi])
+            if self.robust:
+                acc = await self._robust_mean(rnd, rnd.output[lo:hi])
+            else:
+                acc = await _maybe_in_thread(self._weighted_mean, rnd.contributions, rnd.output[lo:hi])
             rnd.contributions.clear()  # summed: only their weights are needed from here on
             payload = await _maybe_in_thread(self.codec.encode, acc)
             if not rnd.result.done():
@@ -500,20 +573,85 @@ class Averager:
         except Exception as e:
             rnd.fail(f"reduction failed: {e!r}")
 
-    def _weighted_mean(self, contributions: dict, acc: torch.Tensor) -> torch.Tensor:
+    def _weighted_mean(self, contributions: dict, acc: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
         """Σ w_i x_i / Σ w_i in member order (the same float sums on any machine with the same kernels).
 
-        A contribution is a decoded tensor, or a payload the codec checked and adds straight from its bytes."""
+        A contribution is a decoded tensor, or a payload the codec checked and adds straight from its bytes.
+        `weights` replaces the declared weights (the robust ones); a weight of 0 leaves its contribution out."""
         order = sorted(contributions)
-        total = sum(contributions[i][0] for i in order)
+        if weights is None:
+            weights = {i: contributions[i][0] for i in order}
+        total = sum(weights[i] for i in order)
+        if not total > 0:
+            raise ValueError("no contribution left to average")
         acc.zero_()
         for i in order:
-            weight, values = contributions[i]
+            weight, values = weights[i], contributions[i][1]
+            if weight == 0:
+                continue
             if isinstance(values, torch.Tensor):
                 acc.add_(values, alpha=weight / total)
             else:
                 self.codec.accumulate(values, acc, weight / total)
         return acc
+
+    async def _robust_mean(self, rnd: _Round, acc: torch.Tensor) -> torch.Tensor:
+        """The robust mean of our part (see swarm.robust), written into `acc`; names the members caught.
+
+        The plain sum and the judging read only the contributions: they run side by side, and when the judging finds
+        nobody out of line (and no weight to bound) the plain sum is the answer, bit for bit what the plain reduction
+        returns. Otherwise the sum is taken again with the weights the judging gave."""
+        contributions = rnd.contributions
+        # Taken, not lent: a reduction abandoned while its thread still runs keeps its buffer to itself.
+        scratch, self._scratch = self._scratch, None
+        plain = asyncio.ensure_future(_maybe_in_thread(self._weighted_mean, contributions, acc))
+        try:
+            weights, caught, self._scratch = await _maybe_in_thread(self._judge, contributions, acc, scratch)
+        except BaseException:
+            plain.add_done_callback(lambda done: done.cancelled() or done.exception())  # the judging's error counts
+            raise
+        for i, reason in caught.items():
+            if i != rnd.group.my_index:  # our own exact part is never garbage; we may be the minority
+                self._catch(rnd.group.peer_ids[i], reason)
+        await plain  # done before any second sum into `acc`; our own weight is positive, so it cannot fail
+        if all(weights[i] == contributions[i][0] for i in contributions):
+            return plain.result()
+        return await _maybe_in_thread(self._weighted_mean, contributions, acc, weights)
+
+    def _judge(
+        self, contributions: dict, like: torch.Tensor, scratch: torch.Tensor | None
+    ) -> tuple[dict[int, float], dict[int, str], torch.Tensor | None]:
+        """(the weight to sum each contribution with, the contributions caught as garbage with the reason, and the
+        buffer the decoded contributions went to, for the next round).
+
+        Bounding the weights needs no values. Judging the values needs them decoded, once, into a buffer kept
+        between rounds (n x our part: one model-size float32 vector; fresh pages would cost more than the judging),
+        and only where there are three or more to judge. `like` (our part of the output) only gives the size."""
+        order = sorted(contributions)
+        bounded, lied = bound_weights([contributions[i][0] for i in order])
+        caught = {order[j]: reason for j, reason in lied.items()}
+        live = [i for i, w in zip(order, bounded) if w > 0]
+        weights = dict(zip(order, bounded))
+        if len(live) >= 3:
+            numel = like.numel()
+            if scratch is None or scratch.numel() < len(live) * numel:
+                scratch = torch.empty(len(live) * numel, dtype=torch.float32)
+            rows = scratch[: len(live) * numel].view(len(live), numel)
+            for row, i in zip(rows, live):
+                values = contributions[i][1]
+                if isinstance(values, torch.Tensor):
+                    row.copy_(values)
+                else:
+                    self.codec.decode_into(values, row)
+            verdict = robust_weights(gram(rows), [weights[i] for i in live])
+            weights.update(zip(live, verdict.weights))
+            caught.update({live[j]: reason for j, reason in verdict.caught.items()})
+        return weights, caught, scratch
+
+    def _catch(self, peer: PeerID, reason: str) -> None:
+        """Record a member caught sending garbage; the log names it."""
+        self.caught[peer] = reason
+        logger.warning(f"caught {peer} sending garbage to the all-reduce of run {self.run_id}: {reason}")
 
     # ---- serving other members: contributions to our part, and averaged parts they missed ------------------------
 
@@ -599,8 +737,17 @@ class Averager:
                 raise ProtocolError(f"part has {numel} values, expected {rnd.part_numel}")
             rnd.counter.received += nbytes
             # Checked before it counts; codecs that can check without decoding keep the bytes until the reduction.
-            values = await _maybe_in_thread(self.codec.check_finite, payload, numel)
-            rnd.add(sender, weight, payload if values is None else values)
+            try:
+                values = await _maybe_in_thread(self.codec.check_finite, payload, numel)
+            except CodecError as e:
+                if not self.robust:
+                    raise
+                # A member, speaking the protocol, sent values nobody can use: it counts for nothing, and the
+                # round goes on for everyone else (it still gets the average, so the whole group stays identical).
+                self._catch(peer, f"undecodable or non-finite contribution ({e})")
+                rnd.add(sender, 0.0, None)
+            else:
+                rnd.add(sender, weight, payload if values is None else values)
             averaged = await asyncio.wait_for(asyncio.shield(rnd.result), self.timeout_seconds)
             try:
                 await write_frame(writer, {"type": "averaged"}, averaged, rnd.counter)

@@ -9,6 +9,9 @@ Nesterov SGD on θ. Members of a group end with bit-identical θ. What happens w
   swarm.allreduce); if some part is lost for good, the survivors form a new group for the same step without the lost
   members and average again (`allreduce_retries` times), so the round averages exactly the contributions that
   fully arrived;
+- a member returns an averaged part that cannot be an average of the group's contributions (swarm.audit): the
+  members that see it retry the round without it, like a lost member; it and any member caught sending garbage
+  contributions (swarm.robust) are excluded from this peer's groups for the rest of the run (Matchmaker.ban);
 - the all-reduce still fails: θ is left as it was, and the caller keeps its local parameters, so the next outer
   step's Δ carries this step's work too (nothing lost, nothing partial applied);
 - Δ holds NaN or inf: nothing is sent, θ is left as it was, and the caller restarts from θ.
@@ -32,7 +35,7 @@ from swarm import records
 from swarm.allreduce import AllReduceError, Averager
 from swarm.codec import make_codec
 from swarm.flat import all_finite, difference, unflatten
-from swarm.matchmaking import Matchmaker, MatchmakingConfig
+from swarm.matchmaking import Group, Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, OuterOptimizer
 from swarm.state import RunState, StateServer, download_state, majority_hash, snapshot_of
@@ -65,6 +68,10 @@ class SwarmConfig:
     direct_data_plane: bool = True
     """Move all-reduce bytes over direct TCP connections between group members when they can reach each other
     (see swarm.direct); off, or unreachable, they go through the p2p daemons' relayed streams."""
+    robust_averaging: bool = True
+    """Reduce each part robustly (swarm.robust): weights bounded by the group's median, CenteredClip when some
+    contribution is far from the others, garbage dropped and its sender named. With nobody out of line the result
+    is the plain token-weighted mean, bit for bit; off, it always is."""
     shard: tuple[int, int] | None = None
     """(index, count): this Swarm holds shard `index` of a peer whose model is sharded over `count` workers
     (see swarm.sharded); None for a peer that holds its whole model."""
@@ -149,7 +156,12 @@ class Swarm:
         about = records.describe_schema(shapes, self.codec.tag, layout, outer)
         self.matchmaker = Matchmaker(node, self.namespace, self.schema, config.matchmaking, about)
         self.averager = Averager(
-            node, self.namespace, self.codec, config.allreduce_timeout_seconds, direct=config.direct_data_plane
+            node,
+            self.namespace,
+            self.codec,
+            config.allreduce_timeout_seconds,
+            direct=config.direct_data_plane,
+            robust=config.robust_averaging,
         )
         self.global_step = outer_step
         numel = sum(p.numel() for p in self.params)
@@ -390,9 +402,12 @@ class Swarm:
                 known = set(group.peer_ids) - excluded
                 lost = ", ".join(str(p) for p in e.suspects) or "none identified"
                 logger.warning(
-                    f"outer step {step}: all-reduce with {group.size} peers failed ({e}); lost members: {lost};"
-                    f" forming a new group without them"
+                    f"outer step {step}: all-reduce with {group.size} peers failed ({e}); lost or caught members:"
+                    f" {lost}; forming a new group without them"
                 )
+            finally:
+                # Whoever this round caught sending garbage (either side of it) shares no group with us again.
+                self.ban(group, self.caught_in(group))
         self._apply(result.averaged)
         self._last_group = (step + 1, group.peer_ids)
         if residual is not None:
@@ -407,6 +422,17 @@ class Swarm:
             attempts=attempt,
             members=[p.to_base58() for p in group.peer_ids],
         )
+
+    def caught_in(self, group: Group) -> dict[int, str]:
+        """Members of `group` (by index) that our averager caught sending garbage, as a reducer of their
+        contributions or as a member judging their averaged parts (swarm.audit), with the reason."""
+        caught = self.averager.caught
+        return {i: caught[peer] for i, peer in enumerate(group.peer_ids) if peer in caught}
+
+    def ban(self, group: Group, caught: dict[int, str]) -> None:
+        """Exclude the members of `group` at the indices `caught` from our groups for the rest of the run."""
+        for i, reason in caught.items():
+            self.matchmaker.ban(group.peer_ids[i], reason)
 
     def average_buffer(self, numel: int) -> torch.Tensor:
         """Where all-reduces write the average: the same vector every step, so its pages are faulted in once.

@@ -11,13 +11,15 @@ other live peer of its run at all for a few seconds (`alone_after_seconds`) gets
 
 Join protocol (one binary stream per join, frames from `swarm.wire`):
   follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d, "direct": [[ip, port], ...],
-                       "about": setup in words, "shards": [[id, endpoints], ...]}
+                       "about": setup in words, "shards": [[id, endpoints], ...], "excludes": [ids]}
   leader -> follower: {"type": "accepted"} | {"type": "rejected", "reason": r} | {"type": "redirect", "leader": id}
   once accepted: {"type": "begin", "group_id": b, "peers": [ids], "secret": 32 bytes, "direct": {id: endpoints},
                   "keys": {id: direct key}, "shards": {id: [[id, endpoints, key], ...]}}
                  | {"type": "redirect", ...} | {"type": "disband"}
   ("direct", "keys" and "secret" set up the group's direct data plane: see swarm.direct; "shards" names the nodes of a
-   sharded peer's other workers, which average their shards in parallel: see swarm.sharded)
+   sharded peer's other workers, which average their shards in parallel: see swarm.sharded; "excludes" names the
+   peers the follower caught lying (Matchmaker.ban): the leader refuses a join that would put it in a group with
+   one of them, either way round)
   leader -> peer it waits for: {"type": "ping"}
   peer -> leader: {"type": "pong", "step": its outer step, "looking": step it looks for a group for (-1: none),
                    "leading": whether it leads its own search}
@@ -48,6 +50,8 @@ from swarm.node import SwarmNode
 from swarm.wire import ProtocolError, close_writer, read_frame, require, write_frame
 
 logger = logging.getLogger(__name__)
+
+_MAX_EXCLUDES = 1024  # peers named in one join request's "excludes" (the newest bans), and read from one
 
 
 @dataclass
@@ -156,6 +160,16 @@ def parse_key(value) -> bytes:
     return value
 
 
+def parse_excludes(value) -> frozenset:
+    """The peer ids a join request names as excluded (see Matchmaker.ban); malformed ones raise ProtocolError."""
+    if not isinstance(value, list) or len(value) > _MAX_EXCLUDES or not all(isinstance(p, str) for p in value):
+        raise ProtocolError(f"excludes must be a list of at most {_MAX_EXCLUDES} peer ids")
+    try:
+        return frozenset(PeerID.from_base58(p) for p in value)
+    except Exception as e:
+        raise ProtocolError(f"bad peer id in excludes: {e}") from None
+
+
 def _shard_nodes_value(nodes) -> list:
     return [[node.to_base58(), [list(e) for e in endpoints], key] for node, endpoints, key in nodes]
 
@@ -166,6 +180,8 @@ class _Follower:
     direct: list = field(default_factory=list)
     key: bytes = b""
     shards: list = field(default_factory=list)
+    excludes: frozenset = frozenset()
+    """The peers it will not share a group with (see Matchmaker.banned)."""
     outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -197,6 +213,9 @@ class Matchmaker:
     ):
         self.node, self.run_id, self.schema, self.about = node, records.validate_namespace(run_id), schema, about
         self._warned_incompatible: set[PeerID] = set()
+        self.banned: dict[PeerID, str] = {}
+        """Peers caught sending garbage to our all-reduces, with the reason: never in a group with us again in this
+        run (in memory only: a restart forgets). See `ban`."""
         self.config = config or MatchmakingConfig()
         self.config.validate()
         self.outer_step = 0
@@ -231,6 +250,14 @@ class Matchmaker:
             self._heartbeat_task = None
         with contextlib.suppress(Exception):
             await self.node.remove_stream_handler(self._protocol)
+
+    def ban(self, peer: PeerID, reason: str) -> None:
+        """Never group with `peer` again in this run: we lead no group with it, and follow no leader whose group
+        holds it. Only for a peer caught lying (a lost or slow one is merely left out of one step's retries)."""
+        if peer == self.peer_id or peer in self.banned:
+            return
+        self.banned[peer] = reason
+        logger.warning(f"excluding {peer} from this peer's groups for the rest of run {self.run_id!r}: {reason}")
 
     def set_outer_step(self, outer_step: int) -> None:
         """Tell the swarm (at once) which outer step this peer now works on."""
@@ -299,11 +326,14 @@ class Matchmaker:
 
         Peers in `exclude` (e.g. members lost in a failed round of this step) are not waited for. Peers in `known`
         (e.g. the members of our previous group) are waited for until they join or a ping says they are elsewhere.
+        Banned peers (see `ban`) are never in the group.
         """
         if self._looking is not None:
             raise RuntimeError("form_group is already running on this peer")
         # Not waited for, but still followed if they lead: a peer we wrongly took for lost loses nothing.
-        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds, dead=set(exclude))
+        # Banned peers are neither waited for nor followed, nor let in when we lead (see _handle_join).
+        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds, dead=set(exclude) | set(self.banned))
+        state.excluded.update(dict.fromkeys(self.banned, float("inf")))
         state.known = set(known) - state.dead - {self.peer_id}
         self._looking = state
         try:
@@ -505,6 +535,8 @@ class Matchmaker:
             request["about"] = self.about
             if self.shard_nodes:
                 request["shards"] = _shard_nodes_value(self.shard_nodes)
+            if self.banned:  # so that the leader puts us in no group with them, rather than we leave it later
+                request["excludes"] = [p.to_base58() for p in list(self.banned)[-_MAX_EXCLUDES:]]
             await write_frame(writer, request)
             reply, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), self.config.request_timeout_seconds)
             if reply.get("type") == "accepted":
@@ -512,7 +544,15 @@ class Matchmaker:
                 reply, _ = await asyncio.wait_for(read_frame(reader, max_payload=0), remaining)
             kind = reply.get("type")
             if kind == "begin":
-                return self._parse_begin(state, leader, reply), None
+                group = self._parse_begin(state, leader, reply)
+                shunned = [p for p in group.peer_ids if p in self.banned]
+                if not shunned:
+                    return group, None
+                # A leader that ignored our excludes: we take no part (its round fails over us, and it retries
+                # without us) and look on for another leader, or lead.
+                logger.info(f"left the group of {leader} for step {state.outer_step}: it holds {shunned[0]}, excluded")
+                state.excluded[leader] = float("inf")
+                return None, None
             if kind == "redirect":
                 # It follows someone else right now; it may lead later (if its own leader fails): skip it briefly.
                 state.excluded[leader] = get_dht_time() + 3 * self.config.poll_interval_seconds
@@ -568,6 +608,21 @@ class Matchmaker:
 
     # ---- serving join requests ------------------------------------------------------------------------------------
 
+    def _excluding(self, state: _Looking, peer: PeerID, excludes: frozenset) -> str | None:
+        """Why `peer` cannot join our group: it excludes one of its members, or one of them excludes it; else None.
+
+        The first to join keeps its place: a liar that joins first and names honest peers keeps them out of this
+        group only (they lead or follow another), never out of the run. A peer refused so is not waited for."""
+        member = next((p for p in [self.peer_id, *state.followers] if p in excludes), None)
+        shunner = next((p for p, f in state.followers.items() if peer in f.excludes), None)
+        if member is None and shunner is None:
+            return None
+        state.dead.add(peer)
+        state.changed.set()
+        if member is not None:
+            return f"you exclude {member}, a member of this group"
+        return f"{shunner}, a member of this group, excludes you"
+
     async def _handle_join(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id
         try:
@@ -599,6 +654,8 @@ class Matchmaker:
                     " (other model, codec, version or worker layout)"
                 )
                 logger.warning(f"refused {peer} for step {step}: {reason}")
+            elif peer in self.banned:
+                reason = f"this peer excludes you from its groups for the rest of the run: {self.banned[peer]}"
             elif state is None or state.outer_step != step:
                 reason = f"not looking for a group for step {step}"
             elif state.closed:
@@ -608,6 +665,8 @@ class Matchmaker:
                 return
             elif self.config.max_group_size is not None and len(state.followers) + 1 >= self.config.max_group_size:
                 reason = "group is full"
+            else:
+                reason = self._excluding(state, peer, parse_excludes(request.get("excludes", [])))
             if reason is not None:
                 await write_frame(writer, {"type": "rejected", "reason": reason})
                 return
@@ -616,6 +675,7 @@ class Matchmaker:
                 direct=parse_endpoints(request.get("direct", [])),
                 key=parse_key(request.get("direct_key", b"")),
                 shards=parse_shard_nodes(request.get("shards", [])),
+                excludes=parse_excludes(request.get("excludes", [])),
             )
             state.followers[peer] = follower
             await write_frame(writer, {"type": "accepted"})

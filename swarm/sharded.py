@@ -186,10 +186,12 @@ class ShardedSwarm:
             attempt += 1
             outcome, result, shard_group = await self._average_shard(group, contribution, float(tokens), residual)
             outcomes = await self.local.all_gather(outcome)
-            if all(ok for ok, _, _ in outcomes):
+            if self.local.rank == 0:  # it finds our groups: caught in any shard's round, a peer shares none again
+                swarm.ban(group, {i: reason for *_, caught in outcomes for i, reason in caught.items()})
+            if all(ok for ok, *_ in outcomes):
                 break
-            suspects = {group.peer_ids[i] for _, lost, _ in outcomes for i in lost}
-            errors = "; ".join(f"shard {i}: {err}" for i, (ok, _, err) in enumerate(outcomes) if not ok)
+            suspects = {group.peer_ids[i] for _, lost, *_ in outcomes for i in lost}
+            errors = "; ".join(f"shard {i}: {err}" for i, (ok, _, err, _) in enumerate(outcomes) if not ok)
             if attempt > swarm.config.allreduce_retries:
                 error = f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); θ unchanged"
                 logger.warning(f"{error}, work carried into the next step")
@@ -214,19 +216,20 @@ class ShardedSwarm:
         )
 
     async def _average_shard(self, group, contribution, weight, residual):
-        """(ok, indices of lost members, error) and the result of this worker's shard round."""
+        """(ok, indices of lost members, error, {index: why} of members caught sending garbage) and the result of
+        this worker's shard round. Indices are the members' in `group`: a shard group lists the same peers' nodes."""
         try:
             shard_group = group.for_shard(self.local.rank)
         except ProtocolError as e:
-            return (False, [], str(e)), None, None
+            return (False, [], str(e), {}), None, None
         try:
             out = self.swarm.average_buffer(contribution.numel())
             result = await self.swarm.averager.all_reduce(shard_group, contribution, weight, residual, out)
-            return (True, [], ""), result, shard_group
+            return (True, [], "", self.swarm.caught_in(shard_group)), result, shard_group
         except AllReduceError as e:
             self.swarm._average = None  # a failed round's decoder threads may still write into it
             lost = [shard_group.peer_ids.index(p) for p in e.suspects if p in shard_group.peer_ids]
-            return (False, lost, str(e)), None, shard_group
+            return (False, lost, str(e), self.swarm.caught_in(shard_group)), None, shard_group
 
     async def publish_hash(self, report: OuterStepReport) -> None:
         """Each worker records its shard's hash in its namespace (newcomers check the shards they take against it)."""
