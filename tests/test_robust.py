@@ -76,10 +76,10 @@ def test_weights_are_capped_at_the_median_and_a_lie_is_caught():
 
 @pytest.mark.timeout(60)
 def test_gram_matches_float64_and_survives_values_beyond_float32_products():
-    rows = [torch.randn(200_000) for _ in range(4)]
+    rows = [torch.randn(200_000, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     exact = torch.stack([r.double() for r in rows])
     expected = exact @ exact.T
-    scale = 1e-6 * float(expected.abs().max())  # float32 blocks: errors relative to the largest entry
+    scale = 1e-12 * float(expected.abs().max())  # float64 blocks: only the summation order differs
     assert torch.allclose(gram(rows), expected, rtol=0, atol=scale)
     assert torch.allclose(gram(torch.stack(rows)), expected, rtol=0, atol=scale)
     rows[2] = torch.full((200_000,), 1e30)  # finite, but its square is not in float32
