@@ -45,7 +45,7 @@ from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
 from swarm.flat import all_finite
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
-from swarm.robust import bound_weights, gram, robust_weights
+from swarm.robust import bound_weights, contribution_gram, robust_weights
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ class _Round:
     """The same parts, decoded (views into `output`)."""
     output: torch.Tensor | None = None
     """The averaged vector, filled part by part as averaged parts are decoded into it."""
+    figures: dict[int, audit.Figures | None] = field(default_factory=dict)
+    """How each averaged part we received relates to our contribution to it (swarm.audit), taken as it was decoded;
+    robust mode only."""
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """This member's own attempt is over: it holds every averaged part it will ever get from the reducers."""
     reducer: asyncio.Task | None = None
@@ -176,7 +179,6 @@ class Averager:
         self.caught: dict[PeerID, str] = {}
         """Members whose contribution to a part we reduced was garbage (a lied weight, undecodable or non-finite
         values, values far outside the others'), with the reason; robust mode only."""
-        self._scratch: torch.Tensor | None = None  # decoded contributions of our part, kept between rounds
         self._protocol = f"swarm/{run_id}/reduce/1"
         self._rounds: dict[bytes, _Round] = {}
         self._direct = DirectServer(self._handle_direct) if direct else None
@@ -446,7 +448,7 @@ class Averager:
         """(a judge of this round's averaged parts, the parts we hold that cannot be averages, with the reason).
 
         Our own averaged part is the reference (swarm.audit); without it, or without robust averaging, nothing is
-        judged and the judge is None. Three dot products per part, in a worker thread for large vectors."""
+        judged and the judge is None. Three dot products per part, most of them taken as the parts were decoded."""
         me = rnd.group.my_index
         if not self.robust or me not in rnd.values:
             return None, {}
@@ -454,12 +456,13 @@ class Averager:
         reference = audit.figures(rnd.values[me], flat[lo:hi])
         share = audit.our_share(weight, [w for w in rnd.weights.values() if w > 0], rnd.group.size)
 
-        def judge(i: int, values: torch.Tensor) -> str | None:
-            a, b = rnd.bounds[i]
-            found = audit.figures(values, flat[a:b])
+        def judge(i: int, values: torch.Tensor, found: audit.Figures | None = None) -> str | None:
+            if found is None:
+                a, b = rnd.bounds[i]
+                found = audit.figures(values, flat[a:b])
             return None if found is None else audit.judge(found, reference, share)
 
-        verdicts = {i: judge(i, values) for i, values in list(rnd.values.items()) if i != me}
+        verdicts = {i: judge(i, values, rnd.figures.get(i)) for i, values in list(rnd.values.items()) if i != me}
         return judge, {i: reason for i, reason in verdicts.items() if reason is not None}
 
     @staticmethod
@@ -515,7 +518,13 @@ class Averager:
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
             try:
                 lo, hi = rnd.bounds[index]
-                values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
+                if self.robust:  # judged later against our contribution: its figures now, while decoding
+                    decode = audit.decode_with_figures
+                    values, rnd.figures[index] = await _maybe_in_thread(
+                        decode, self.codec, averaged, rnd.output[lo:hi], part
+                    )
+                else:
+                    values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
             except CodecError as e:
                 raise self._garbage(index, peer, f"an averaged part we cannot decode ({e})") from e
             if not self.codec.decodes_finite and not all_finite(values):
@@ -602,11 +611,9 @@ class Averager:
         nobody out of line (and no weight to bound) the plain sum is the answer, bit for bit what the plain reduction
         returns. Otherwise the sum is taken again with the weights the judging gave."""
         contributions = rnd.contributions
-        # Taken, not lent: a reduction abandoned while its thread still runs keeps its buffer to itself.
-        scratch, self._scratch = self._scratch, None
         plain = asyncio.ensure_future(_maybe_in_thread(self._weighted_mean, contributions, acc))
         try:
-            weights, caught, self._scratch = await _maybe_in_thread(self._judge, contributions, acc, scratch)
+            weights, caught = await _maybe_in_thread(self._judge, contributions, acc.numel())
         except BaseException:
             plain.add_done_callback(lambda done: done.cancelled() or done.exception())  # the judging's error counts
             raise
@@ -618,35 +625,23 @@ class Averager:
             return plain.result()
         return await _maybe_in_thread(self._weighted_mean, contributions, acc, weights)
 
-    def _judge(
-        self, contributions: dict, like: torch.Tensor, scratch: torch.Tensor | None
-    ) -> tuple[dict[int, float], dict[int, str], torch.Tensor | None]:
-        """(the weight to sum each contribution with, the contributions caught as garbage with the reason, and the
-        buffer the decoded contributions went to, for the next round).
+    def _judge(self, contributions: dict, numel: int) -> tuple[dict[int, float], dict[int, str]]:
+        """(the weight to sum each contribution with, the contributions caught as garbage with the reason).
 
-        Bounding the weights needs no values. Judging the values needs them decoded, once, into a buffer kept
-        between rounds (n x our part: one model-size float32 vector; fresh pages would cost more than the judging),
-        and only where there are three or more to judge. `like` (our part of the output) only gives the size."""
+        Bounding the weights needs no values. Judging the values needs their Gram matrix, one pass over them as they
+        are held (checked payloads or decoded tensors, see swarm.robust.contribution_gram), and only where there are
+        three or more to judge."""
         order = sorted(contributions)
         bounded, lied = bound_weights([contributions[i][0] for i in order])
         caught = {order[j]: reason for j, reason in lied.items()}
         live = [i for i, w in zip(order, bounded) if w > 0]
         weights = dict(zip(order, bounded))
         if len(live) >= 3:
-            numel = like.numel()
-            if scratch is None or scratch.numel() < len(live) * numel:
-                scratch = torch.empty(len(live) * numel, dtype=torch.float32)
-            rows = scratch[: len(live) * numel].view(len(live), numel)
-            for row, i in zip(rows, live):
-                values = contributions[i][1]
-                if isinstance(values, torch.Tensor):
-                    row.copy_(values)
-                else:
-                    self.codec.decode_into(values, row)
-            verdict = robust_weights(gram(rows), [weights[i] for i in live])
+            g = contribution_gram(self.codec, [contributions[i][1] for i in live], numel)
+            verdict = robust_weights(g, [weights[i] for i in live])
             weights.update(zip(live, verdict.weights))
             caught.update({live[j]: reason for j, reason in verdict.caught.items()})
-        return weights, caught, scratch
+        return weights, caught
 
     def _catch(self, peer: PeerID, reason: str) -> None:
         """Record a member caught sending garbage; the log names it."""

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from swarm.codec import Codec
 from swarm.robust import WEIGHT_CAP
 
 RATIO_FACTOR = 3.0
@@ -81,8 +82,6 @@ class Figures:
 def figures(average: torch.Tensor, own: torch.Tensor) -> Figures | None:
     """Three dot products, in one pass over both; None where there is nothing to judge by (a part of fewer than
     MIN_NUMEL values, or our contribution to it is zero)."""
-    if own.numel() < MIN_NUMEL:
-        return None
     own_sq = average_sq = cross = 0.0
     # Block by block, so that the second and third products read from cache: one pass over memory, not four.
     for start in range(0, own.numel(), _CHUNK):
@@ -90,9 +89,24 @@ def figures(average: torch.Tensor, own: torch.Tensor) -> Figures | None:
         own_sq += float(torch.dot(x, x))
         average_sq += float(torch.dot(v, v))
         cross += float(torch.dot(v, x))
-    if not own_sq > 0:
+    return _figures(own.numel(), own_sq, average_sq, cross)
+
+
+def decode_with_figures(
+    codec: Codec, payload: bytes | memoryview, out: torch.Tensor, own: torch.Tensor
+) -> tuple[torch.Tensor, Figures | None]:
+    """Decode an averaged part into `out` (CodecError if it does not decode) and take its `figures` against `own`,
+    our contribution to it, while the values are fresh: each part is judged as it arrives, in the time spent waiting
+    for the others, rather than all of them in one pass at the end. (Fusing the products into the int8 decoding
+    kernel was measured slower: 8.0 ms of CPU against 1.7 + 3.4 for 6.25M values.)"""
+    values = codec.decode_into(payload, out)
+    return values, figures(values, own)
+
+
+def _figures(numel: int, own_sq: float, average_sq: float, cross: float) -> Figures | None:
+    if numel < MIN_NUMEL or not own_sq > 0:
         return None
-    return Figures(own.numel(), math.sqrt(average_sq / own_sq), cross / own_sq)
+    return Figures(numel, math.sqrt(average_sq / own_sq), cross / own_sq)
 
 
 def our_share(weight: float, weights: Sequence[float], members: int) -> float:

@@ -230,6 +230,22 @@ def _verdicts(xs, weights, parts, bounds, lie_at=None, lie=None):
     return out
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("compression", ["int8", "int4", "none"])
+def test_figures_taken_while_decoding_are_those_of_the_decoded_part(compression):
+    codec = make_codec(compression)
+    g = torch.Generator().manual_seed(3)
+    own, average = torch.randn(100_003, generator=g), torch.randn(100_003, generator=g) + 0.5
+    payload = codec.encode(average)
+    values, found = audit.decode_with_figures(codec, payload, torch.empty(100_003), own)
+    assert torch.equal(values, codec.decode(payload, 100_003))
+    expected = audit.figures(values, own)
+    assert math.isclose(found.ratio, expected.ratio, rel_tol=1e-5) and math.isclose(
+        found.lean, expected.lean, rel_tol=1e-4
+    )
+    assert audit.decode_with_figures(codec, codec.encode(average[:100]), torch.empty(100), own[:100])[1] is None
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("compression", ["int8", "int4", "none"])
 def test_honest_averages_pass_and_gross_lies_are_caught(compression):

@@ -15,13 +15,14 @@ import torch
 
 from swarm import StepStatus
 from swarm.allreduce import _Round
-from swarm.codec import Blockwise8BitCompression
+from swarm.codec import Blockwise8BitCompression, make_codec
 from swarm.matchmaking import Group
 from swarm.robust import (
     CLIP_RADIUS,
     WEIGHT_CAP,
     aggregate,
     bound_weights,
+    contribution_gram,
     gram,
     robust_weights,
     weighted_sum,
@@ -85,6 +86,25 @@ def test_gram_matches_float64_and_survives_values_beyond_float32_products():
     rows[2] = torch.full((200_000,), 1e30)  # finite, but its square is not in float32
     g = gram(rows)
     assert bool(torch.isfinite(g).all()) and math.isclose(float(g[2, 2]), 2e65, rel_tol=1e-6)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["int8", "int4", "none", "fp16"])
+def test_the_gram_of_payloads_and_tensors_as_a_reducer_holds_them_is_their_decoded_gram(name):
+    codec = make_codec(name)
+    numel = 3 * 65_536 + 301  # several column blocks and a partial int8 block
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(numel, generator=g) * (1 + i) for i in range(4)]
+    held = [xs[0], *[codec.encode(x) for x in xs[1:]]]  # our own part exact, the others as their payloads
+    decoded = torch.stack([xs[0].double(), *[codec.decode(p, numel).double() for p in held[1:]]])
+    expected = decoded @ decoded.T
+    got = contribution_gram(codec, held, numel)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+    assert torch.equal(got, got.T)
+    if name != "fp16":  # finite values whose products overflow float32 (fp16 saturates them on the wire)
+        held[2] = codec.encode(torch.full((numel,), 1e30))
+        got = contribution_gram(codec, held, numel)
+        assert bool(torch.isfinite(got).all()) and math.isclose(float(got[2, 2]), numel * 1e60, rel_tol=1e-2)
 
 
 def _attacks(signal: torch.Tensor, count: int, seed: int) -> dict[str, tuple[list[torch.Tensor], list[float]]]:

@@ -77,3 +77,48 @@ void sqblock_accumulate(const int8_t *codes, const float *absmax, int64_t n, int
         }
     }
 }
+
+/* The Gram matrix G[j][k] = x_j . x_k (j >= k; row-major n x n, float64) of n contributions to one part, each int8
+ * payload bytes (codes[j], absmax[j]) or float32 values (dense[j] when not NULL), in one pass over them: a robust
+ * reducer judges the contributions from it (swarm/robust.py) without holding any of them decoded. GRAM_SPAN values
+ * of every contribution at a time are decoded into `scratch` (n x GRAM_SPAN floats, in cache); each pair's dot
+ * product over them runs in 16 float32 lanes (sums of 256 products each) and is added to G in float64. Not
+ * bit-reproducible across machines, nor needed: only the reducer reads G. */
+#define GRAM_SPAN 4096
+
+void sqblock_gram(int32_t n, const int8_t *const *codes, const float *const *absmax, const float *const *dense,
+                  int64_t numel, int32_t block, float *scratch, double *gram) {
+    for (int64_t lo = 0; lo < numel; lo += GRAM_SPAN) {
+        int64_t len = lo + GRAM_SPAN < numel ? GRAM_SPAN : numel - lo;
+        int64_t padded = (len + 15) & ~(int64_t)15;
+        for (int32_t j = 0; j < n; j++) {
+            float *row = scratch + (int64_t)j * GRAM_SPAN;
+            if (dense[j]) {
+                for (int64_t i = 0; i < len; i++) row[i] = dense[j][lo + i];
+            } else {
+                /* The span starts on a block boundary (GRAM_SPAN is a multiple of every block size we use). */
+                for (int64_t a = 0; a < len; a += block) {
+                    int64_t end = a + block < len ? a + block : len;
+                    float scale = absmax[j][(lo + a) / block];
+                    const int8_t *c = codes[j] + lo;
+                    for (int64_t i = a; i < end; i++) row[i] = level(c[i]) * scale;
+                }
+            }
+            for (int64_t i = len; i < padded; i++) row[i] = 0.0f; /* the lanes of a short last span */
+        }
+        for (int32_t j = 0; j < n; j++) {
+            const float *x = scratch + (int64_t)j * GRAM_SPAN;
+            for (int32_t k = 0; k <= j; k++) {
+                const float *y = scratch + (int64_t)k * GRAM_SPAN;
+                float lanes[16] = {0};
+                for (int64_t i = 0; i < padded; i += 16) {
+                    for (int l = 0; l < 16; l++) lanes[l] += x[i + l] * y[i + l];
+                }
+                double s = 0.0;
+                for (int l = 0; l < 16; l++) s += (double)lanes[l];
+                gram[(int64_t)j * n + k] += s;
+            }
+        }
+    }
+}
+
