@@ -45,7 +45,7 @@ from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
 from swarm.flat import all_finite
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
-from swarm.robust import bound_weights, contribution_gram, robust_weights
+from swarm.robust import bound_weights, reduce_pass, robust_weights
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class Averager:
             )
             rnd.add(group.my_index, float(weight), own)
             rnd.reducer = asyncio.create_task(self._reduce(rnd))
-            tasks[asyncio.create_task(self._own_result(rnd))] = group.my_index
+            tasks[asyncio.create_task(self._own_result(rnd, flat[lo:hi]))] = group.my_index
             lost, errors = await self._settle(rnd, tasks, deadline)
             # Every averaged part a reducer sent us is judged against our own contribution to it (swarm.audit): one
             # that cannot be an average fails the round for us, and its reducer is caught, so the retry leaves it out.
@@ -453,7 +453,7 @@ class Averager:
         if not self.robust or me not in rnd.values:
             return None, {}
         lo, hi = rnd.bounds[me]
-        reference = audit.figures(rnd.values[me], flat[lo:hi])
+        reference = rnd.figures.get(me) or audit.figures(rnd.values[me], flat[lo:hi])
         share = audit.our_share(weight, [w for w in rnd.weights.values() if w > 0], rnd.group.size)
 
         def judge(i: int, values: torch.Tensor, found: audit.Figures | None = None) -> str | None:
@@ -475,12 +475,21 @@ class Averager:
             residual.zero_()  # nothing of it was lost
         return part
 
-    async def _own_result(self, rnd: _Round) -> None:
+    async def _own_result(self, rnd: _Round, own: torch.Tensor) -> None:
         # Shielded: cancelling this task must not cancel the result that the handlers still serve to the others.
         payload = await asyncio.shield(rnd.result)
-        lo, hi = rnd.bounds[rnd.group.my_index]
-        values = await _maybe_in_thread(self.codec.decode_into, payload, rnd.output[lo:hi])
+        values = await self._decode_part(rnd, rnd.group.my_index, payload, own)
         rnd.payloads[rnd.group.my_index], rnd.values[rnd.group.my_index] = payload, values
+
+    async def _decode_part(self, rnd: _Round, index: int, payload, own: torch.Tensor) -> torch.Tensor:
+        """Decode averaged part `index` into its place in the output; robust, also take its audit figures against
+        `own`, our contribution to it (swarm.audit), while decoding. CodecError if it does not decode."""
+        lo, hi = rnd.bounds[index]
+        if not self.robust:
+            return await _maybe_in_thread(self.codec.decode_into, payload, rnd.output[lo:hi])
+        decode = audit.decode_with_figures
+        values, rnd.figures[index] = await _maybe_in_thread(decode, self.codec, payload, rnd.output[lo:hi], own)
+        return values
 
     async def _exchange(
         self, group: Group, index: int, rnd: _Round, part: torch.Tensor, weight: float, residual: torch.Tensor | None
@@ -517,14 +526,7 @@ class Averager:
                 # The member is alive but its reduction failed (e.g. it lost someone else): not a suspect.
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
             try:
-                lo, hi = rnd.bounds[index]
-                if self.robust:  # judged later against our contribution: its figures now, while decoding
-                    decode = audit.decode_with_figures
-                    values, rnd.figures[index] = await _maybe_in_thread(
-                        decode, self.codec, averaged, rnd.output[lo:hi], part
-                    )
-                else:
-                    values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
+                values = await self._decode_part(rnd, index, averaged, part)
             except CodecError as e:
                 raise self._garbage(index, peer, f"an averaged part we cannot decode ({e})") from e
             if not self.codec.decodes_finite and not all_finite(values):
@@ -587,61 +589,68 @@ class Averager:
 
         A contribution is a decoded tensor, or a payload the codec checked and adds straight from its bytes.
         `weights` replaces the declared weights (the robust ones); a weight of 0 leaves its contribution out."""
+        order, alphas = self._alphas(contributions, weights)
+        # Left out: weight 0 (refused contributions hold no values, dropped ones add nothing).
+        alphas, values = zip(*[(alpha, contributions[i][1]) for i, alpha in zip(order, alphas) if alpha != 0])
+        if reduce_pass(self.codec, values, acc.numel(), alphas, acc, with_gram=False)[1]:
+            return acc  # one native pass over every contribution
+        acc.zero_()
+        for alpha, x in zip(alphas, values):
+            if isinstance(x, torch.Tensor):
+                acc.add_(x, alpha=alpha)
+            else:
+                self.codec.accumulate(x, acc, alpha)
+        return acc
+
+    @staticmethod
+    def _alphas(contributions: dict, weights: dict | None = None) -> tuple[list[int], list[float]]:
+        """(members in order, the factor w_i / Σ w of each contribution): the declared weights, or `weights`."""
         order = sorted(contributions)
         if weights is None:
             weights = {i: contributions[i][0] for i in order}
         total = sum(weights[i] for i in order)
         if not total > 0:
             raise ValueError("no contribution left to average")
-        acc.zero_()
-        for i in order:
-            weight, values = weights[i], contributions[i][1]
-            if weight == 0:
-                continue
-            if isinstance(values, torch.Tensor):
-                acc.add_(values, alpha=weight / total)
-            else:
-                self.codec.accumulate(values, acc, weight / total)
-        return acc
+        return order, [weights[i] / total for i in order]
 
     async def _robust_mean(self, rnd: _Round, acc: torch.Tensor) -> torch.Tensor:
         """The robust mean of our part (see swarm.robust), written into `acc`; names the members caught.
 
-        The plain sum and the judging read only the contributions: they run side by side, and when the judging finds
-        nobody out of line (and no weight to bound) the plain sum is the answer, bit for bit what the plain reduction
-        returns. Otherwise the sum is taken again with the weights the judging gave."""
+        The plain sum is taken with the judging (in the same native pass over the contributions for int8, else side
+        by side), and when the judging finds nobody out of line (and no weight to bound) it is the answer, bit for
+        bit what the plain reduction returns. Otherwise the sum is taken again with the weights the judging gave."""
         contributions = rnd.contributions
-        plain = asyncio.ensure_future(_maybe_in_thread(self._weighted_mean, contributions, acc))
-        try:
-            weights, caught = await _maybe_in_thread(self._judge, contributions, acc.numel())
-        except BaseException:
-            plain.add_done_callback(lambda done: done.cancelled() or done.exception())  # the judging's error counts
-            raise
+        weights, caught, summed = await _maybe_in_thread(self._judge, contributions, acc)
         for i, reason in caught.items():
             if i != rnd.group.my_index:  # our own exact part is never garbage; we may be the minority
                 self._catch(rnd.group.peer_ids[i], reason)
-        await plain  # done before any second sum into `acc`; our own weight is positive, so it cannot fail
         if all(weights[i] == contributions[i][0] for i in contributions):
-            return plain.result()
+            return acc if summed else await _maybe_in_thread(self._weighted_mean, contributions, acc)
         return await _maybe_in_thread(self._weighted_mean, contributions, acc, weights)
 
-    def _judge(self, contributions: dict, numel: int) -> tuple[dict[int, float], dict[int, str]]:
-        """(the weight to sum each contribution with, the contributions caught as garbage with the reason).
+    def _judge(self, contributions: dict, acc: torch.Tensor) -> tuple[dict[int, float], dict[int, str], bool]:
+        """(the weight to sum each contribution with, the contributions caught as garbage with the reason, whether the
+        plain mean is in `acc` already).
 
         Bounding the weights needs no values. Judging the values needs their Gram matrix, one pass over them as they
-        are held (checked payloads or decoded tensors, see swarm.robust.contribution_gram), and only where there are
-        three or more to judge."""
-        order = sorted(contributions)
+        are held (see swarm.robust.reduce_pass, which takes the plain sum in the same pass where it can), and only
+        where there are three or more to judge."""
+        order, alphas = self._alphas(contributions)
         bounded, lied = bound_weights([contributions[i][0] for i in order])
         caught = {order[j]: reason for j, reason in lied.items()}
-        live = [i for i, w in zip(order, bounded) if w > 0]
+        live = [j for j, w in enumerate(bounded) if w > 0]
         weights = dict(zip(order, bounded))
-        if len(live) >= 3:
-            g = contribution_gram(self.codec, [contributions[i][1] for i in live], numel)
-            verdict = robust_weights(g, [weights[i] for i in live])
-            weights.update(zip(live, verdict.weights))
-            caught.update({live[j]: reason for j, reason in verdict.caught.items()})
-        return weights, caught
+        if len(live) < 3:
+            return weights, caught, False
+        # The pass takes the plain sum too, so it reads every contribution that has values (refused ones have none).
+        held = [j for j, i in enumerate(order) if contributions[i][0] > 0]
+        values = [contributions[order[j]][1] for j in held]
+        g, summed = reduce_pass(self.codec, values, acc.numel(), [alphas[j] for j in held], acc)
+        rows = [held.index(j) for j in live]
+        verdict = robust_weights(g[rows][:, rows], [bounded[j] for j in live])
+        weights.update((order[j], w) for j, w in zip(live, verdict.weights))
+        caught.update({order[live[j]]: reason for j, reason in verdict.caught.items()})
+        return weights, caught, summed
 
     def _catch(self, peer: PeerID, reason: str) -> None:
         """Record a member caught sending garbage; the log names it."""

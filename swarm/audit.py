@@ -43,6 +43,7 @@ against |avg_i|^2 with the weights the reducer used): a round trip this check do
 
 from __future__ import annotations
 
+import ctypes
 import math
 import statistics
 from collections.abc import Sequence
@@ -50,7 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.codec import Codec
+from swarm.codec import Blockwise8BitCompression, Codec
+from swarm.native import sqblock
 from swarm.robust import WEIGHT_CAP
 
 RATIO_FACTOR = 3.0
@@ -96,11 +98,18 @@ def decode_with_figures(
     codec: Codec, payload: bytes | memoryview, out: torch.Tensor, own: torch.Tensor
 ) -> tuple[torch.Tensor, Figures | None]:
     """Decode an averaged part into `out` (CodecError if it does not decode) and take its `figures` against `own`,
-    our contribution to it, while the values are fresh: each part is judged as it arrives, in the time spent waiting
-    for the others, rather than all of them in one pass at the end. (Fusing the products into the int8 decoding
-    kernel was measured slower: 8.0 ms of CPU against 1.7 + 3.4 for 6.25M values.)"""
-    values = codec.decode_into(payload, out)
-    return values, figures(values, own)
+    our contribution to it: each part judged as it arrives, in the time spent waiting for the others. int8 in one
+    native pass (swarm/native: the products taken while the decoded values are in registers, 40% less CPU than
+    decoding then multiplying)."""
+    lib = sqblock() if isinstance(codec, Blockwise8BitCompression) and own.is_contiguous() else None
+    if lib is None:
+        values = codec.decode_into(payload, out)
+        return values, figures(values, own)
+    bs, absmax, codes = codec._parts(payload, out.numel())
+    dots = (ctypes.c_double * 3)()
+    numel = out.numel()
+    lib.sqblock_decode_dots(codes.ctypes.data, absmax.ctypes.data, numel, bs, own.data_ptr(), out.data_ptr(), dots)
+    return out, _figures(out.numel(), dots[0], dots[1], dots[2])
 
 
 def _figures(numel: int, own_sq: float, average_sq: float, cross: float) -> Figures | None:

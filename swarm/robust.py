@@ -129,15 +129,26 @@ def gram(rows, numel: int | None = None, chunk: int = _CHUNK) -> torch.Tensor:
     return total
 
 
-def contribution_gram(codec: Codec, values: Sequence[torch.Tensor | bytes | memoryview], numel: int) -> torch.Tensor:
-    """`gram` of contributions as a reducer holds them: decoded tensors, or payloads of `codec` that it checked.
+def reduce_pass(
+    codec: Codec,
+    values: Sequence[torch.Tensor | bytes | memoryview],
+    numel: int,
+    alphas: Sequence[float] | None = None,
+    acc: torch.Tensor | None = None,
+    with_gram: bool = True,
+) -> tuple[torch.Tensor | None, bool]:
+    """A reducer's pass over the contributions to its part, as it holds them (decoded tensors, or payloads of
+    `codec` that it checked): (their `gram` if `with_gram`, whether Σ alphas_j x_j was written into `acc`).
 
-    One pass, a slice at a time, never all of them decoded at once (that took an extra model-size vector). int8
-    payloads go to the native kernel where there is one: decoding and products in one pass per 256-value block."""
+    int8 payloads go to one native pass that decodes each slice once for both (swarm/native: the sum takes the same
+    float32 operations as the codec's `accumulate`, with or without the Gram matrix). Other codecs, or where there is
+    no native code, give the Gram matrix from a slice-at-a-time pass and leave the sum to the caller. Never are the
+    contributions all decoded at once (that took an extra model-size vector)."""
     n = len(values)
     native = isinstance(codec, Blockwise8BitCompression) and _NATIVE_SPAN % codec.block_size == 0
-    lib = sqblock() if native else None
-    if lib is not None and n:
+    lib = sqblock() if native and n else None
+    total = None
+    if lib is not None:
         # Keep every pointer's owner alive until the kernel returns.
         parts = [None if isinstance(x, torch.Tensor) else codec._parts(x, numel) for x in values]
         dense = [x.contiguous() if isinstance(x, torch.Tensor) else None for x in values]
@@ -145,15 +156,31 @@ def contribution_gram(codec: Codec, values: Sequence[torch.Tensor | bytes | memo
         codes = pointers(*[0 if p is None else p[2].ctypes.data for p in parts])
         scales = pointers(*[0 if p is None else p[1].ctypes.data for p in parts])
         floats = pointers(*[0 if d is None else d.data_ptr() for d in dense])
-        scratch = torch.empty(n * _NATIVE_SPAN)
-        total = torch.zeros(n, n, dtype=torch.float64)
-        lib.sqblock_gram(n, codes, scales, floats, numel, codec.block_size, scratch.data_ptr(), total.data_ptr())
-        if bool(torch.isfinite(total).all()):
-            return total + total.tril(-1).T  # the kernel fills the lower triangle
-        # Values beyond ~1e19 overflow the kernel's float32 products (finite garbage at float32's largest scales):
-        # the float64 path below judges such a contribution by its distance like any other.
-    readers = [_slicer(x) if isinstance(x, torch.Tensor) else codec.reader(x, numel) for x in values]
-    return gram(readers, numel)
+        weights = (ctypes.c_float * n)(*(alphas if alphas is not None else [0.0] * n))
+        scratch = torch.empty(n * _NATIVE_SPAN) if with_gram else None
+        total = torch.zeros(n, n, dtype=torch.float64) if with_gram else None
+        lib.sqblock_reduce(
+            n, codes, scales, floats, weights, numel, codec.block_size,
+            None if acc is None else acc.data_ptr(),
+            None if scratch is None else scratch.data_ptr(),
+            None if total is None else total.data_ptr(),
+        )  # fmt: skip
+        if total is not None:
+            if bool(torch.isfinite(total).all()):
+                total += total.tril(-1).T  # the kernel fills the lower triangle
+            else:
+                # Values beyond ~1e19 overflow the kernel's float32 products (finite garbage at float32's largest
+                # scales): the float64 path below judges such a contribution by its distance like any other.
+                total = None
+    if with_gram and total is None:
+        readers = [_slicer(x) if isinstance(x, torch.Tensor) else codec.reader(x, numel) for x in values]
+        total = gram(readers, numel)
+    return total, lib is not None and acc is not None
+
+
+def contribution_gram(codec: Codec, values: Sequence[torch.Tensor | bytes | memoryview], numel: int) -> torch.Tensor:
+    """`gram` of contributions as a reducer holds them (see reduce_pass)."""
+    return reduce_pass(codec, values, numel)[0]
 
 
 def _slicer(values: torch.Tensor):
