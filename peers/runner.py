@@ -121,7 +121,7 @@ class Peer:
         self.node = await SwarmNode.create(self.config.node)
         params = [p.detach() for p in self.model.parameters()]
         self.swarm = await Swarm.create(self.node, params, self.config.swarm)
-        data_position = self._restore()
+        data_position = await asyncio.to_thread(self._restore)  # gigabytes to read for a large model
         if await self.swarm.join_run():
             # The run is ahead of us (a newcomer, or a checkpoint older than the swarm): start from its θ.
             await asyncio.to_thread(self._load_global_into_model)
@@ -203,6 +203,8 @@ class Peer:
         bar = tqdm(total=total, unit="step", disable=self._progress_disabled(), dynamic_ncols=True)
         with logging_redirect_tqdm():  # log lines print above the bar instead of through it
             try:
+                if self.loop_lag is not None:
+                    self.loop_lag.take()  # the first step's figure covers the step, not the start
                 await self._train(bar)
             finally:
                 bar.close()
@@ -290,7 +292,9 @@ class Peer:
         first_step = self.swarm.global_step * self.config.inner_steps
         self._model_is_theta, self._unsaved = False, True
         wait = self.checkpointer.wait if self.checkpointer is not None else None
-        return self.inner.run(self.config.inner_steps, self._stop_flag(), on_step, first_step, before_update=wait)
+        result = self.inner.run(self.config.inner_steps, self._stop_flag(), on_step, first_step, before_update=wait)
+        memory.trim()  # the gradients are freed: let the outer step have their memory
+        return result
 
     def _stop_flag(self):
         """What the inner loop checks before every step (a sharded peer's workers must all stop at the same one)."""

@@ -144,6 +144,7 @@ class _Round:
         self.contributions.clear()
         self.payloads.clear()
         self.values.clear()
+        self.output = None
 
     def fail(self, reason: str) -> None:
         if not self.result.done():
@@ -167,12 +168,16 @@ class Averager:
         timeout_seconds: float = 60.0,
         direct: bool = True,
         robust: bool = True,
+        keep_scratch_max_bytes: int = 256 << 20,
     ):
         """`robust`: reduce our part robustly (swarm.robust: bounded weights, CenteredClip, garbage dropped) rather
-        than with the plain token-weighted mean; the two agree bit for bit while nobody is out of line."""
+        than with the plain token-weighted mean; the two agree bit for bit while nobody is out of line.
+        `keep_scratch_max_bytes`: the robust judging's buffer is kept between rounds up to this size; a larger one (a
+        large model's) is made for each round, rather than held between outer steps."""
         self.node, self.run_id, self.codec = node, records.validate_namespace(run_id), codec
         self.timeout_seconds = timeout_seconds
         self.robust = robust
+        self.keep_scratch_max_bytes = keep_scratch_max_bytes
         self.caught: dict[PeerID, str] = {}
         """Members whose contribution to a part we reduced was garbage (a lied weight, undecodable or non-finite
         values, values far outside the others'), with the reason; robust mode only."""
@@ -342,6 +347,8 @@ class Averager:
             rnd.settled.set()
             self._forget_later(group.group_id, rnd)
         averaged = rnd.output  # every part was decoded into its place: no concatenation
+        # The caller owns the average from here; the round keeps only the encoded parts, for members that missed one.
+        rnd.output, rnd.values = None, {}
         total = sum(rnd.weights.values())
         return AllReduceResult(
             averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started, recovered
@@ -606,7 +613,9 @@ class Averager:
         scratch, self._scratch = self._scratch, None
         plain = asyncio.ensure_future(_maybe_in_thread(self._weighted_mean, contributions, acc))
         try:
-            weights, caught, self._scratch = await _maybe_in_thread(self._judge, contributions, acc, scratch)
+            weights, caught, scratch = await _maybe_in_thread(self._judge, contributions, acc, scratch)
+            if scratch is not None and scratch.numel() * 4 <= self.keep_scratch_max_bytes:
+                self._scratch = scratch
         except BaseException:
             plain.add_done_callback(lambda done: done.cancelled() or done.exception())  # the judging's error counts
             raise

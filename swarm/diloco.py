@@ -75,11 +75,11 @@ class SwarmConfig:
     shard: tuple[int, int] | None = None
     """(index, count): this Swarm holds shard `index` of a peer whose model is sharded over `count` workers
     (see swarm.sharded); None for a peer that holds its whole model."""
-    keep_average_max_bytes: int = 256 << 20
-    """The all-reduce's output buffer is kept between outer steps up to this size (its pages are then faulted in once);
-    a larger one lives only during the outer step, as 4 bytes per parameter held for nothing between steps cost more
-    than the page faults on a large model. The same bound holds for the copy a state server keeps of a state that
-    changes under a transfer in flight."""
+    keep_buffers_max_bytes: int = 256 << 20
+    """Buffers of the model's size are kept between outer steps up to this size (their pages are then faulted in
+    once): the all-reduce's output, the robust judging's decoded contributions, the copy a state server keeps of a
+    state that changes under a transfer in flight. Larger ones live only while they are used: on a large model, 4
+    bytes per parameter held between steps cost more than the page faults."""
 
     @property
     def outer_description(self) -> str:
@@ -167,6 +167,7 @@ class Swarm:
             config.allreduce_timeout_seconds,
             direct=config.direct_data_plane,
             robust=config.robust_averaging,
+            keep_scratch_max_bytes=config.keep_buffers_max_bytes,
         )
         self.global_step = outer_step
         numel = sum(p.numel() for p in self.params)
@@ -176,7 +177,7 @@ class Swarm:
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
         self._average: torch.Tensor | None = None  # see average_buffer
         self.state_server = StateServer(
-            node, self.namespace, self.schema, self._snapshot, keep_copy_max_bytes=config.keep_average_max_bytes
+            node, self.namespace, self.schema, self._snapshot, keep_copy_max_bytes=config.keep_buffers_max_bytes
         )
 
     @classmethod
@@ -462,16 +463,19 @@ class Swarm:
         """Where all-reduces write the average: the same vector every step, so its pages are faulted in once.
 
         It costs one float32 copy of this peer's θ in memory between steps, and spares the all-reduce touching
-        4 bytes of fresh memory per parameter each step (a third of its time on a 2-core machine)."""
+        4 bytes of fresh memory per parameter each step (a third of its time on a 2-core machine); above
+        `keep_buffers_max_bytes` it is made afresh each step instead (see there)."""
         if self._average is None or self._average.numel() != numel:
             self._average = torch.empty(numel, dtype=torch.float32)
         return self._average
 
     async def _apply_off_loop(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
-        """`_apply` in a thread; a large average buffer is let go afterwards (see keep_average_max_bytes)."""
+        """`_apply` in a thread; a large average buffer is let go afterwards (see keep_buffers_max_bytes)."""
         await self._changing_state(self._apply, flat_delta, alone)
-        if flat_delta is self._average and self._average.numel() * 4 > self.config.keep_average_max_bytes:
-            self._average = None
+        average = self._average
+        if average is not None and flat_delta.data_ptr() == average.data_ptr():
+            if average.numel() * 4 > self.config.keep_buffers_max_bytes:
+                self._average = None
 
     def _apply(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
         """The outer step with a group's average, or (alone) with this peer's own Δ: see OuterOptimizer.step_alone."""
