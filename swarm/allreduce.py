@@ -147,6 +147,7 @@ class _Round:
         self.contributions.clear()
         self.payloads.clear()
         self.values.clear()
+        self.output = None
 
     def fail(self, reason: str) -> None:
         if not self.result.done():
@@ -344,6 +345,8 @@ class Averager:
             rnd.settled.set()
             self._forget_later(group.group_id, rnd)
         averaged = rnd.output  # every part was decoded into its place: no concatenation
+        # The caller owns the average from here; the round keeps only the encoded parts, for members that missed one.
+        rnd.output, rnd.values = None, {}
         total = sum(rnd.weights.values())
         return AllReduceResult(
             averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started, recovered

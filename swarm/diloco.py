@@ -38,7 +38,7 @@ from swarm.flat import all_finite, difference, unflatten
 from swarm.matchmaking import Group, Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, OuterOptimizer
-from swarm.state import RunState, StateServer, download_state, majority_hash, snapshot_of
+from swarm.state import RunState, StateServer, StateView, download_state, majority_hash
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ class SwarmConfig:
     shard: tuple[int, int] | None = None
     """(index, count): this Swarm holds shard `index` of a peer whose model is sharded over `count` workers
     (see swarm.sharded); None for a peer that holds its whole model."""
+    keep_buffers_max_bytes: int = 256 << 20
+    """Buffers of the model's size are kept between outer steps up to this size (their pages are then faulted in
+    once): the all-reduce's output, the copy a state server keeps of a state that changes under a transfer in
+    flight. Larger ones live only while they are used: on a large model, 4 bytes per parameter held between steps
+    cost more than the page faults."""
 
     @property
     def outer_description(self) -> str:
@@ -167,10 +172,12 @@ class Swarm:
         numel = sum(p.numel() for p in self.params)
         self.residual = torch.zeros(numel) if config.error_feedback else None
         self._state_version = 0  # bumped whenever θ or the momentum change
-        self._snapshot_cache: tuple[tuple[int, int], RunState] | None = None
+        self._changing = False  # θ or the momentum are being written in another thread
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
         self._average: torch.Tensor | None = None  # see average_buffer
-        self.state_server = StateServer(node, self.namespace, self.schema, self._snapshot)
+        self.state_server = StateServer(
+            node, self.namespace, self.schema, self._snapshot, keep_copy_max_bytes=config.keep_buffers_max_bytes
+        )
 
     @classmethod
     async def create(
@@ -190,12 +197,22 @@ class Swarm:
         await self.state_server.close()
         await self.averager.close()
 
-    def _snapshot(self) -> RunState:
-        # One flat copy per state, however many chunk requests newcomers send while it lasts.
-        key = (self.global_step, self._state_version)
-        if self._snapshot_cache is None or self._snapshot_cache[0] != key:
-            self._snapshot_cache = (key, snapshot_of(self.global_step, self.params, self.outer.momentum()))
-        return self._snapshot_cache[1]
+    def _snapshot(self) -> StateView:
+        """The state as newcomers see it: read in place, never copied (see swarm.state.StateView)."""
+        return StateView(self.global_step, self._state_version, self.params, self.outer.momentum(), self._changing)
+
+    async def _changing_state(self, change, *args) -> None:
+        """Run `change(*args)`, which writes θ or the momentum in place, in a thread: the outer step of a large model
+        takes seconds of CPU, and the event loop serves the swarm meanwhile. The state server sees the state as
+        changing until it is done."""
+        self.state_server.before_change()
+        self._changing = True
+        self._state_version += 1
+        try:
+            await asyncio.to_thread(change, *args)
+        finally:
+            self._state_version += 1
+            self._changing = False
 
     async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
         """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
@@ -206,7 +223,7 @@ class Swarm:
                 break
             if taken is not None:
                 logger.info(f"caught up with the run: outer step {self.global_step} -> {taken.outer_step}")
-                self._adopt(taken)
+                await self._adopt(taken)
                 break
         return taken is not None
 
@@ -242,7 +259,7 @@ class Swarm:
         members = set(self._last_group[1])
         found = await self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True)
         published = {peer: digest for peer, digest in records.parse_hashes(found).items() if peer in members}
-        mine = self.params_sha256()
+        mine = await asyncio.to_thread(self.params_sha256)
         published[self.node.peer_id] = mine
         votes = collections.Counter(published.values())
         majority, count = votes.most_common(1)[0]
@@ -262,7 +279,7 @@ class Swarm:
             f"θ at outer step {step} differed from its group's majority ({count} of {len(published)} members):"
             f" resynced to outer step {taken.outer_step} from a peer that holds it"
         )
-        self._adopt(taken)
+        await self._adopt(taken)
         return True
 
     async def _rejoin(self, wait_for_round: bool = False) -> None:
@@ -338,10 +355,9 @@ class Swarm:
             logger.warning(f"could not take the run's state from {len(donors)} donors: {e!r}")
             return None
 
-    def _adopt(self, state: RunState) -> None:
+    async def _adopt(self, state: RunState) -> None:
         momentum = None if state.momentum is None else unflatten(state.momentum, self.params)
-        self.outer.load(unflatten(state.params, self.params), momentum)
-        self._state_version += 1
+        await self._changing_state(self.outer.load, unflatten(state.params, self.params), momentum)
         self.global_step = state.outer_step
         self.matchmaker.set_outer_step(self.global_step)
         if self.residual is not None:
@@ -350,27 +366,35 @@ class Swarm:
     def params_sha256(self) -> str:
         return records.params_sha256(self.params)
 
-    async def outer_step(self, local: Sequence[torch.Tensor], tokens: int) -> OuterStepReport:
-        """One DiLoCo outer step from the peer's post-inner-loop parameters; `tokens` weighs its contribution."""
+    async def outer_step(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> OuterStepReport:
+        """One DiLoCo outer step from the peer's post-inner-loop parameters; `tokens` weighs its contribution.
+
+        `delta`, if given, is Δ = θ - local computed by the caller as one flat float32 vector (a CPU peer computes it
+        over its own parameters' memory, and saves the 4 bytes per parameter of a separate Δ); it is only read."""
         if len(local) != len(self.params):
             raise ValueError(f"got {len(local)} local tensors for {len(self.params)} global parameters")
         step = self.global_step
-        delta = difference(self.params, local)
+        if delta is None:
+            delta = await asyncio.to_thread(difference, self.params, local)
         started = time.perf_counter()
-        if not all_finite(delta):  # one pass and no mask; the count below only on the rare bad step
+        if not await asyncio.to_thread(all_finite, delta):  # one pass and no mask; the count only on a bad step
             bad = int((~torch.isfinite(delta)).sum())
             error = f"pseudo-gradient of outer step {step} has {bad} NaN/inf values: not sent, sitting this round out"
             logger.error(error)
             # Sit the round out without making anyone wait, and start the next inner loop from the round's result.
             await self._rejoin(wait_for_round=True)
-            return self._advance(StepStatus.NONFINITE, 0, started, error=error, next_step=self.global_step == step)
+            return await self._advance(
+                StepStatus.NONFINITE, 0, started, error=error, next_step=self.global_step == step
+            )
         if tokens <= 0 or not math.isfinite(tokens):
             raise ValueError(f"tokens must be positive, got {tokens}")
 
         if await self.catch_up() or await self.repair_drift():
             # The run moved on without us, or our θ drifted from it: our Δ is against a θ nobody else holds.
             await self._rejoin()
-            return self._advance(StepStatus.RESYNCED, 0, started, next_step=False)
+            return await self._advance(StepStatus.RESYNCED, 0, started, next_step=False)
         contribution, residual = delta, None
         if self.residual is not None:
             contribution, residual = delta + self.residual, torch.empty_like(delta)
@@ -384,8 +408,8 @@ class Swarm:
                 timeout = self.config.matchmaking.timeout_seconds
                 why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
                 logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-                self._apply(delta, alone=True)
-                return self._advance(StepStatus.ALONE, 1, started, attempts=attempt)
+                await self._apply_off_loop(delta, alone=True)
+                return await self._advance(StepStatus.ALONE, 1, started, attempts=attempt)
             attempt += 1
             try:
                 out = self.average_buffer(contribution.numel())
@@ -397,7 +421,7 @@ class Swarm:
                     error = f"outer step {step}: all-reduce with {group.size} peers failed ({e}); θ unchanged"
                     logger.warning(f"{error}, work carried into the next step")
                     status = StepStatus.ALLREDUCE_FAILED
-                    return self._advance(status, group.size, started, error=error, attempts=attempt)
+                    return await self._advance(status, group.size, started, error=error, attempts=attempt)
                 excluded |= e.suspects
                 known = set(group.peer_ids) - excluded
                 lost = ", ".join(str(p) for p in e.suspects) or "none identified"
@@ -408,11 +432,11 @@ class Swarm:
             finally:
                 # Whoever this round caught sending garbage (either side of it) shares no group with us again.
                 self.ban(group, self.caught_in(group))
-        self._apply(result.averaged)
+        await self._apply_off_loop(result.averaged)
         self._last_group = (step + 1, group.peer_ids)
         if residual is not None:
             self.residual = residual
-        return self._advance(
+        return await self._advance(
             StepStatus.AVERAGED,
             group.size,
             started,
@@ -438,10 +462,19 @@ class Swarm:
         """Where all-reduces write the average: the same vector every step, so its pages are faulted in once.
 
         It costs one float32 copy of this peer's θ in memory between steps, and spares the all-reduce touching
-        4 bytes of fresh memory per parameter each step (a third of its time on a 2-core machine)."""
+        4 bytes of fresh memory per parameter each step (a third of its time on a 2-core machine); above
+        `keep_buffers_max_bytes` it is made afresh each step instead (see there)."""
         if self._average is None or self._average.numel() != numel:
             self._average = torch.empty(numel, dtype=torch.float32)
         return self._average
+
+    async def _apply_off_loop(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
+        """`_apply` in a thread; a large average buffer is let go afterwards (see keep_buffers_max_bytes)."""
+        await self._changing_state(self._apply, flat_delta, alone)
+        average = self._average
+        if average is not None and flat_delta.data_ptr() == average.data_ptr():
+            if average.numel() * 4 > self.config.keep_buffers_max_bytes:
+                self._average = None
 
     def _apply(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
         """The outer step with a group's average, or (alone) with this peer's own Δ: see OuterOptimizer.step_alone."""
@@ -451,7 +484,7 @@ class Swarm:
             self.outer.step(unflatten(flat_delta, self.params))
         self._state_version += 1
 
-    def _advance(
+    async def _advance(
         self,
         status,
         group_size,
@@ -467,7 +500,7 @@ class Swarm:
         if next_step:
             self.global_step += 1
             self.matchmaker.set_outer_step(self.global_step)
-        digest = self.params_sha256()
+        digest = await asyncio.to_thread(self.params_sha256)  # a second or more for a large θ: off the loop
         return OuterStepReport(
             outer_step=self.global_step,
             status=status,
@@ -492,9 +525,11 @@ class Swarm:
         )
 
     def state_dict(self) -> dict:
-        state = {"params": [p.clone() for p in self.params], "outer": self.outer.state_dict(), "step": self.global_step}
+        """θ, the momentum and the residual as the live tensors, not copies: write them out (peers.checkpoint) before
+        the next outer step changes them."""
+        state = {"params": list(self.params), "outer": self.outer.state_dict(), "step": self.global_step}
         if self.residual is not None:
-            state["residual"] = self.residual.clone()
+            state["residual"] = self.residual
         return state
 
     def load_state_dict(self, state: dict) -> None:

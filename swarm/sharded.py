@@ -36,7 +36,7 @@ from hivemind.p2p import PeerID
 from swarm import records
 from swarm.allreduce import AllReduceError
 from swarm.diloco import OuterStepReport, StepStatus, Swarm, SwarmConfig
-from swarm.flat import difference
+from swarm.flat import all_finite, difference
 from swarm.local import LocalGroup
 from swarm.node import SwarmNode
 from swarm.wire import ProtocolError
@@ -106,7 +106,7 @@ class ShardedSwarm:
             steps = {s for _, s in seen}
             if len(steps) == 1 and None not in steps:
                 logger.info(f"caught up with the run: outer step {self.swarm.global_step} -> {state.outer_step}")
-                self.swarm._adopt(state)
+                await self.swarm._adopt(state)
                 return True
             # Workers got different steps (the run moved on mid-transfer) or some got none: try again.
             logger.info(f"workers took different states of the run ({[s for _, s in seen]}); trying again")
@@ -144,8 +144,11 @@ class ShardedSwarm:
 
     # ---- the outer step -------------------------------------------------------------------------------------------
 
-    async def outer_step(self, local: Sequence[torch.Tensor], tokens: int) -> OuterStepReport:
-        """One DiLoCo outer step from this worker's shard after the inner loop; `tokens` is the whole peer's count."""
+    async def outer_step(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> OuterStepReport:
+        """One DiLoCo outer step from this worker's shard after the inner loop; `tokens` is the whole peer's count.
+        `delta`: this shard's Δ = θ - local when the caller computed it (see Swarm.outer_step)."""
         swarm = self.swarm
         if len(local) != len(swarm.params):
             raise ValueError(f"got {len(local)} local tensors for {len(swarm.params)} global parameters")
@@ -153,19 +156,22 @@ class ShardedSwarm:
             raise ValueError(f"tokens must be positive, got {tokens}")
         step = swarm.global_step
         started = time.perf_counter()
-        delta = difference(swarm.params, local)
-        bad = int((~torch.isfinite(delta)).sum())
+        if delta is None:
+            delta = await asyncio.to_thread(difference, swarm.params, local)
+        bad = await asyncio.to_thread(lambda: 0 if all_finite(delta) else int((~torch.isfinite(delta)).sum()))
         bad_per_worker = await self.local.all_gather(bad)
         if any(bad_per_worker):
             where = ", ".join(f"worker {i}: {n}" for i, n in enumerate(bad_per_worker) if n)
             error = f"pseudo-gradient of outer step {step} has NaN/inf ({where}): not sent, sitting this round out"
             logger.error(error)
             await self._rejoin(wait_for_round=True)
-            return swarm._advance(StepStatus.NONFINITE, 0, started, error=error, next_step=swarm.global_step == step)
+            return await swarm._advance(
+                StepStatus.NONFINITE, 0, started, error=error, next_step=swarm.global_step == step
+            )
 
         if await self.catch_up() or await self._repair_drift():
             await self._rejoin()
-            return swarm._advance(StepStatus.RESYNCED, 0, started, next_step=False)
+            return await swarm._advance(StepStatus.RESYNCED, 0, started, next_step=False)
         contribution, residual = delta, None
         if swarm.residual is not None:
             contribution, residual = delta + swarm.residual, torch.empty_like(delta)
@@ -181,8 +187,8 @@ class ShardedSwarm:
                 timeout = swarm.config.matchmaking.timeout_seconds
                 why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
                 logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-                swarm._apply(delta, alone=True)
-                return swarm._advance(StepStatus.ALONE, 1, started, attempts=attempt)
+                await swarm._apply_off_loop(delta, alone=True)
+                return await swarm._advance(StepStatus.ALONE, 1, started, attempts=attempt)
             attempt += 1
             outcome, result, shard_group = await self._average_shard(group, contribution, float(tokens), residual)
             outcomes = await self.local.all_gather(outcome)
@@ -195,16 +201,18 @@ class ShardedSwarm:
             if attempt > swarm.config.allreduce_retries:
                 error = f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); θ unchanged"
                 logger.warning(f"{error}, work carried into the next step")
-                return swarm._advance(StepStatus.ALLREDUCE_FAILED, group.size, started, error=error, attempts=attempt)
+                return await swarm._advance(
+                    StepStatus.ALLREDUCE_FAILED, group.size, started, error=error, attempts=attempt
+                )
             excluded |= suspects
             known = set(group.peer_ids) - excluded
             logger.warning(f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); new group next")
-        swarm._apply(result.averaged)
+        await swarm._apply_off_loop(result.averaged)
         swarm._last_group = (step + 1, shard_group.peer_ids)
         if residual is not None:
             swarm.residual = residual
         traffic = await self.local.all_gather((result.bytes_sent, result.bytes_received))
-        return swarm._advance(
+        return await swarm._advance(
             StepStatus.AVERAGED,
             group.size,
             started,
