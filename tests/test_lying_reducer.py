@@ -17,7 +17,15 @@ from swarm.allreduce import Averager, part_bounds
 from swarm.codec import make_codec
 from swarm.robust import aggregate
 from tests.conftest import swarm_of
-from tests.test_swarm import config, make_params, perturbed, reference_outer_step, running_swarms
+from tests.test_swarm import (
+    config,
+    flat,
+    locals_from,
+    make_params,
+    perturbed,
+    reference_outer_step,
+    running_swarms,
+)
 
 NOISE = 0.3
 # Parts of 100,000 values and more (groups of up to 7): large enough that random values cannot pass for an average.
@@ -40,22 +48,6 @@ def deltas(count: int, numel: int, seed: int, noise: float | None = NOISE) -> li
     if noise is None:
         return [0.05 * torch.randn(numel, generator=g) for _ in range(count)]
     return [0.05 * (signal + noise * torch.randn(numel, generator=g)) for _ in range(count)]
-
-
-def locals_from(theta, flat_deltas) -> list[list[torch.Tensor]]:
-    """Local parameters θ - Δ for flat pseudo-gradients Δ."""
-    out = []
-    for delta in flat_deltas:
-        parts, offset = [], 0
-        for p in theta:
-            parts.append(p - delta[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        out.append(parts)
-    return out
-
-
-def flat(params) -> torch.Tensor:
-    return torch.cat([p.reshape(-1) for p in params])
 
 
 def moved(applied: torch.Tensor, wanted: torch.Tensor) -> float:

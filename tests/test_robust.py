@@ -28,7 +28,15 @@ from swarm.robust import (
     weighted_sum,
 )
 from tests.conftest import swarm_of
-from tests.test_swarm import assert_params_close, config, make_params, reference_outer_step, running_swarms
+from tests.test_swarm import (
+    assert_params_close,
+    config,
+    flat,
+    locals_from,
+    make_params,
+    reference_outer_step,
+    running_swarms,
+)
 
 NOISE = 0.3
 
@@ -185,22 +193,6 @@ class HostileCodec(Blockwise8BitCompression):
 ATTACKS = ["scaled by 1e4", "weight inflated 1e6x", "random, 100x the norm", "nan", "garbage"]
 
 
-def _locals(theta, deltas):
-    """Local parameters θ - Δ for flat pseudo-gradients Δ."""
-    out = []
-    for delta in deltas:
-        parts, offset = [], 0
-        for p in theta:
-            parts.append(p - delta[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        out.append(parts)
-    return out
-
-
-def _flat(params) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
 async def _hostile_round(honest_count: int, hostile_count: int, attack: str, robust: bool = True):
     """One outer step of `honest_count` honest members and `hostile_count` attackers, all int8.
 
@@ -230,16 +222,16 @@ async def _hostile_round(honest_count: int, hostile_count: int, attack: str, rob
             if attack in ("nan", "garbage"):
                 for s in swarms[honest_count:]:
                     s.averager.codec = HostileCodec(attack, s)
-            locals_ = _locals(theta, honest + hostile)
+            locals_ = locals_from(theta, honest + hostile)
             reports = await asyncio.gather(
                 *[s.outer_step(loc, t) for s, loc, t in zip(swarms, locals_, tokens + hostile_tokens)]
             )
             for report in reports[:honest_count]:
                 assert report.status == StepStatus.AVERAGED and report.group_size == honest_count + hostile_count
             assert len({r.params_sha256 for r in reports[:honest_count]}) == 1, "honest members differ"
-            expected, _ = reference_outer_step(theta, _locals(theta, honest), tokens)
-            applied = _flat(swarms[0].params) - _flat(theta)
-            wanted = _flat(expected) - _flat(theta)
+            expected, _ = reference_outer_step(theta, locals_from(theta, honest), tokens)
+            applied = flat(swarms[0].params) - flat(theta)
+            wanted = flat(expected) - flat(theta)
             return applied, wanted, swarms[:honest_count], [s.node.peer_id for s in swarms[honest_count:]]
 
 
@@ -276,7 +268,7 @@ async def test_without_attackers_the_result_is_the_plain_mean(compression):
         theta = make_params()
         numel = sum(p.numel() for p in theta)
         _, deltas = honest_deltas(5, numel, seed=3)
-        locals_ = _locals(theta, [0.05 * d for d in deltas])
+        locals_ = locals_from(theta, [0.05 * d for d in deltas])
         tokens = [128, 200, 256, 300, 384]
         async with running_swarms(nodes, theta, lambda i: config(compression=compression, min_group_size=5)) as swarms:
             assert all(s.averager.robust for s in swarms)  # on by default
@@ -288,7 +280,7 @@ async def test_without_attackers_the_result_is_the_plain_mean(compression):
             if compression == "none":
                 assert_params_close(swarms[0].params, expected)
             else:  # within the codec's error of it, and nobody clipped
-                assert moved(_flat(swarms[0].params) - _flat(theta), _flat(expected) - _flat(theta)) < 0.02
+                assert moved(flat(swarms[0].params) - flat(theta), flat(expected) - flat(theta)) < 0.02
 
 
 @pytest.mark.timeout(60)
