@@ -136,18 +136,20 @@ class Checkpointer:
                 return state, path
         return None
 
-    def load(self, outer_step: int) -> dict | None:
-        """The checkpoint of `outer_step`, or None (with a warning) if it is missing or damaged."""
-        return self._load(self.path(outer_step))
+    def load(self, outer_step: int, mmap: bool = False) -> dict | None:
+        """The checkpoint of `outer_step`, or None (with a warning) if it is missing or damaged. With `mmap`, its
+        tensors are the file's pages mapped into memory (read when touched, dropped by the system when it needs the
+        room): nothing is loaded up front."""
+        return self._load(self.path(outer_step), mmap)
 
     def remove_stale(self) -> None:
         for stale in glob.glob(os.path.join(self.directory, f"*{self.suffix}.pt.tmp-*")):
             os.remove(stale)  # left by a crash mid-save; the rename never happened
 
     @staticmethod
-    def _load(path: str) -> dict | None:
+    def _load(path: str, mmap: bool = False) -> dict | None:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             if not isinstance(state, dict) or "swarm" not in state:
                 raise ValueError("not a swarm checkpoint")
             return state

@@ -34,6 +34,7 @@ from peers.monitoring import PeerMonitor
 from peers.prefetch import Prefetcher
 from swarm import NodeConfig, OuterStepReport, StepStatus, Swarm, SwarmConfig, SwarmNode, records
 from swarm.monitor import MonitorConfig
+from swarm.state import StateView
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Peer:
         self._pending_tokens = 0  # tokens of inner work not yet folded into θ (carried after a failed all-reduce)
         self._outer_peak_mb: float | None = None
         self._peak_rss_mb: float | None = None
+        self._checkpoint_wait_seconds = 0.0  # how long the inner loop waited for checkpoint writes this step
         self._model_facts = model_facts(self.loaded, config.model, config.seed)  # full shapes: before any sharding
         self._run_facts = RunFacts()
         self._model_is_theta = True  # the model holds θ exactly (built from the same seed, or θ copied into it)
@@ -121,6 +123,7 @@ class Peer:
         self.node = await SwarmNode.create(self.config.node)
         params = [p.detach() for p in self.model.parameters()]
         self.swarm = await Swarm.create(self.node, params, self.config.swarm)
+        self._serve_old_states_from_checkpoints()
         data_position = await asyncio.to_thread(self._restore)  # gigabytes to read for a large model
         if await self.swarm.join_run():
             # The run is ahead of us (a newcomer, or a checkpoint older than the swarm): start from its θ.
@@ -187,6 +190,24 @@ class Peer:
         logger.info(f"resumed from {path} at outer step {self.swarm.global_step}")
         return data_position(state)
 
+    def _serve_old_states_from_checkpoints(self) -> None:
+        """A newcomer's transfer that outlasts our outer step finishes from our checkpoint of the step it started on,
+        read in place (swarm.state.StateServer.archive): a large state is never copied in memory for it."""
+        if self.checkpointer is not None:
+            getattr(self.swarm, "swarm", self.swarm).state_server.archive = self._archived_state
+
+    def _archived_state(self, step: int) -> StateView | None:
+        """θ and the outer momentum of `step` from this process's checkpoint of it, mapped rather than loaded."""
+        if self.checkpointer.writing:
+            return None
+        state = self.checkpointer.load(step, mmap=True)
+        if state is None or int(state["swarm"].get("step", -1)) != step:
+            return None
+        params = list(state["swarm"]["params"])
+        buffers = state["swarm"]["outer"].get("state", {})
+        momentum = [buffers.get(i, {}).get("momentum_buffer") for i in range(len(params))]
+        return StateView(step, -1, params, None if any(m is None for m in momentum) else momentum)
+
     def _restore_model(self, state: dict) -> None:
         """The model of a checkpoint: its own parameters, or θ where the checkpoint says the model held θ (then it
         stores only the model's buffers)."""
@@ -249,6 +270,8 @@ class Peer:
             # The newest write that finished (the previous outer step's, written during this step's inner loop).
             facts["checkpoint_step"], seconds = self.checkpointer.last_write
             facts["checkpoint_seconds"] = round(seconds, 3)
+            facts["checkpoint_wait_seconds"] = round(self._checkpoint_wait_seconds, 3)
+            self._checkpoint_wait_seconds = 0.0
         if self._peak_flops is not None:
             peak, name = self._peak_flops
             # Every worker of a sharded peer has its own GPU: the peer's peak is theirs together.
@@ -291,10 +314,17 @@ class Peer:
 
         first_step = self.swarm.global_step * self.config.inner_steps
         self._model_is_theta, self._unsaved = False, True
-        wait = self.checkpointer.wait if self.checkpointer is not None else None
+        wait = self._wait_for_checkpoint if self.checkpointer is not None else None
         result = self.inner.run(self.config.inner_steps, self._stop_flag(), on_step, first_step, before_update=wait)
         memory.trim()  # the gradients are freed: let the outer step have their memory
         return result
+
+    def _wait_for_checkpoint(self) -> None:
+        """Before an optimizer step: the checkpoint still being written reads the parameters and moments it changes."""
+        if self.checkpointer.writing:
+            started = time.perf_counter()
+            self.checkpointer.wait()
+            self._checkpoint_wait_seconds += time.perf_counter() - started
 
     def _stop_flag(self):
         """What the inner loop checks before every step (a sharded peer's workers must all stop at the same one)."""

@@ -81,6 +81,7 @@ class ShardedPeer(Peer):
         full_shapes = [tuple(p.shape) for p in self.model.parameters()]
         shards = [t.detach().cpu() for t in local_shards(self.model)]
         self.swarm = await ShardedSwarm.create(self.node, shards, self.config.swarm, self.local, full_shapes)
+        self._serve_old_states_from_checkpoints()
         data_position = await self._restore_sharded()
         if await self.swarm.join_run():
             await asyncio.to_thread(self._load_global_into_model)

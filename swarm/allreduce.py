@@ -148,6 +148,13 @@ class _Round:
         self.payloads.clear()
         self.values.clear()
         self.output = None
+        if self.result.done() and not self.result.cancelled() and self.result.exception() is None:
+            # The future held our reduced part's bytes until the round was forgotten (a timeout later): a round per
+            # outer step, each a model-size / group-size payload, crept up. A late sender now finds a failed round.
+            released = asyncio.get_running_loop().create_future()
+            released.set_exception(AllReduceError("round released"))
+            released.exception()  # mark retrieved: nobody may ask
+            self.result = released
 
     def fail(self, reason: str) -> None:
         if not self.result.done():

@@ -153,11 +153,16 @@ class StateServer:
         # that transfer still completes. At most one, and only when small (keep_copy_max_bytes).
         self._kept: dict[int, tuple[RunState, float]] = {}
         self._last_served: tuple[tuple, float] | None = None  # key of the live state last served, and when
+        self.archive: Callable[[int], RunState | StateView | None] | None = None
+        """Reads this peer's state of an outer step without holding it in memory (a checkpoint file, mapped), or
+        None; used for a state too large to copy when it changes under a transfer (see before_change)."""
 
     def before_change(self) -> None:
         """The peer is about to change its θ or momentum in place. If that state was served within KEEP_SECONDS (a
-        transfer may be in flight) and a copy costs at most `keep_copy_max_bytes`, keep a copy to finish it from;
-        otherwise that transfer's next chunk request is refused and the receiver starts over from the new state."""
+        transfer may be in flight), keep something to finish the transfer from: a copy when it costs at most
+        `keep_copy_max_bytes`, else the state as `archive` reads it (e.g. from the peer's checkpoint of that step, in
+        place). Without either, the transfer's next chunk request is refused and the receiver starts over from the
+        new state."""
         now = time.monotonic()
         self._kept = {s: kept for s, kept in self._kept.items() if now - kept[1] < self.KEEP_SECONDS}
         current = self._snapshot()
@@ -167,10 +172,14 @@ class StateServer:
             or now - self._last_served[1] > (self.KEEP_SECONDS)
         ):
             return
-        if current.numel * (8 if current.momentum is not None else 4) > self.keep_copy_max_bytes:
-            logger.debug(f"state of step {current.outer_step} changes under a transfer; too large to keep a copy")
+        if current.numel * (8 if current.momentum is not None else 4) <= self.keep_copy_max_bytes:
+            self._kept = {current.outer_step: (current.copy(), now)}
             return
-        self._kept = {current.outer_step: (current.copy(), now)}
+        kept = None if self.archive is None else self.archive(current.outer_step)
+        if kept is None or kept.numel != current.numel or (kept.momentum is None) != (current.momentum is None):
+            logger.debug(f"state of step {current.outer_step} changes under a transfer; too large to copy, no archive")
+            return
+        self._kept = {current.outer_step: (kept, now)}
 
     def _state_for(self, step: int | None) -> RunState | StateView | None:
         """The current state (step None or equal), or a kept copy of a state of that step; None while changing."""

@@ -201,3 +201,49 @@ async def test_state_transfer_completes_when_the_donor_moves_on_meanwhile():
             )  # fmt: skip
             assert state is not None and state.outer_step == 5 and state.sha256() == before
             assert donor.global_step == 6 and donor.params_sha256() != before
+
+
+@pytest.mark.timeout(120)
+async def test_a_state_too_large_to_copy_is_finished_from_the_donors_checkpoint(tmp_path):
+    """The donor moves on mid-transfer with a state above its copy bound: without an archive the transfer is refused
+    and the receiver gets nothing; with its checkpoint of the step read in place, the transfer completes."""
+    from peers.checkpoint import Checkpointer
+    from swarm.state import StateView
+
+    async with swarm_of(2) as (_, nodes):
+        theta = make_params()
+        cfg = config()
+        cfg.keep_buffers_max_bytes = 0  # every state counts as large here
+        async with running_swarms(nodes, theta, lambda i: cfg) as (donor, newcomer):
+            numel = sum(p.numel() for p in theta)
+            await donor._apply_off_loop(torch.full((numel,), 0.01))  # momentum exists from here
+            donor.global_step = 5
+            before = donor.params_sha256()
+            checkpoints = Checkpointer(str(tmp_path))
+            checkpoints.save({"swarm": donor.state_dict()}, 5)
+
+            def archived(step: int):
+                state = checkpoints.load(step, mmap=True)
+                momentum = [state["swarm"]["outer"]["state"][i]["momentum_buffer"] for i in range(len(theta))]
+                return StateView(step, -1, state["swarm"]["params"], momentum)
+
+            async def fetch():
+                async def accept(step: int, digest: str) -> bool:
+                    await donor._apply_off_loop(torch.full((numel,), 0.02))  # the donor moves on before any chunk
+                    donor.global_step += 1
+                    return True
+
+                return await download_state(
+                    newcomer.node, newcomer.state_server.protocol, newcomer.schema, [donor.node.peer_id], numel,
+                    accept, chunk=256,
+                )  # fmt: skip
+
+            assert await fetch() is None  # no copy, no archive: the chunks of step 5 are refused
+            steps = [donor.global_step]
+            donor.state_server.archive = lambda step: archived(step) if step in steps else None
+            checkpoints.save({"swarm": donor.state_dict()}, steps[0])
+            expected = donor.params_sha256()
+            state = await fetch()
+            assert state is not None and state.outer_step == steps[0] and state.sha256() == expected != before
+            saved = torch.cat([m.reshape(-1) for m in archived(steps[0]).momentum])
+            assert torch.equal(state.momentum, saved)  # the checkpoint's, not the donor's current momentum
