@@ -532,6 +532,9 @@ class Averager:
                 close_writer(writer)
             raise
         try:
+            if reply.get("type") == "not-a-member":
+                # It never learned of this group (see _serve_part): lost to this round, alive for the next.
+                raise _MemberLost(index, f"{peer} is not averaging in this group (it never learned of it)")
             if reply.get("type") != "averaged":
                 # The member is alive but its reduction failed (e.g. it lost someone else): not a suspect.
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
@@ -742,8 +745,17 @@ class Averager:
             if not (math.isfinite(weight) and weight > 0):
                 raise ProtocolError(f"weight {weight} is not finite and positive")
             rnd = self._round(group_id)
-            # The sender may have left matchmaking a moment before us: wait until we know the group.
-            await asyncio.wait_for(rnd.configured.wait(), self.timeout_seconds)
+            # The sender may have left matchmaking a moment before us: wait until we know the group, but not for the
+            # whole round. A leader cannot know that a follower got the group it sent (the follower may have given
+            # up on it a moment before): such a "member" never joins, and its reducers must not wait out the round's
+            # bound for it while it averages elsewhere or alone.
+            try:
+                await asyncio.wait_for(rnd.configured.wait(), min(HELLO_TIMEOUT, self.timeout_seconds))
+            except asyncio.TimeoutError:
+                logger.info(f"{peer} sent a part for group {group_id.hex()}, which this peer is not averaging in")
+                with contextlib.suppress(Exception):
+                    await write_frame(writer, {"type": "not-a-member", "group_id": group_id})
+                return
             group = rnd.group
             if not 0 <= sender < group.size or group.peer_ids[sender] != peer:
                 raise ProtocolError(f"{peer} is not member {sender} of group {group_id.hex()}")

@@ -14,10 +14,13 @@ from tests.test_programs import alive, children_of
 FAST = ["--inner-steps", "10", "--batch-size", "4", "--seq-len", "64", "--matchmaking-timeout", "20"]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, logs=()) -> None:
+    """Wait until `predicate()`; on a timeout, the failure shows the tails of the `logs` (paths) to tell why."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            tails = "".join(f"\n--- {p}:\n" + (p.read_text()[-4000:] if p.exists() else "(none)") for p in logs)
+            raise AssertionError(f"timed out waiting for {what}{tails}")
         time.sleep(0.2)
 
 
@@ -56,7 +59,10 @@ def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcome
         # The three average together. Not necessarily from the first step: a peer whose start is slower (imports on
         # a loaded 2-core machine) finds the other two already averaging, and catches up with them.
         wait_for(
-            lambda: sum(r["group_size"] == 3 for r in read_metrics(str(metrics["a"]))) >= 2, 150, "groups of three"
+            lambda: sum(r["group_size"] == 3 for r in read_metrics(str(metrics["a"]))) >= 2,
+            150,
+            "groups of three",
+            [tmp_path / f"{name}.log" for name in procs],
         )
 
         # Fault: the bootstrap node and peer c die at once, without a word.
@@ -64,7 +70,10 @@ def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcome
         kill_hard(procs.pop("c"))
         killed_at = max(r["outer_step"] for r in read_metrics(str(metrics["a"])))
         wait_for(
-            lambda: any(r["outer_step"] >= killed_at + 3 for r in read_metrics(str(metrics["a"]))), 120, "more steps"
+            lambda: any(r["outer_step"] >= killed_at + 3 for r in read_metrics(str(metrics["a"]))),
+            120,
+            "more steps",
+            [tmp_path / "a.log", tmp_path / "b.log"],
         )
         later = [r for r in read_metrics(str(metrics["a"])) if r["outer_step"] >= killed_at + 2]
         assert later and all(r["group_size"] == 2 for r in later)

@@ -1,6 +1,8 @@
 """Bad input over the network: malformed messages, incompatible peers, a member that never contributes."""
 
 import asyncio
+import os
+import time
 
 import msgpack
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from swarm import StepStatus, Swarm
 from swarm.allreduce import AllReduceError
+from swarm.direct import HELLO_TIMEOUT
 from swarm.matchmaking import Group
 from swarm.state import StateServer, download_state
 from swarm.wire import read_frame, write_frame
@@ -121,6 +124,32 @@ async def test_all_reduce_refuses_bad_weights():
                 await swarm.averager.all_reduce(group, torch.zeros(10), 1.0)
         finally:
             await swarm.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_member_that_never_learned_of_its_group_fails_the_round_within_the_grace():
+    """A leader cannot know that a follower got the group it sent: one that gave up a moment before averages alone
+    or elsewhere, and never joins. Its reducers must fail the round within the grace a late member gets (naming it,
+    so that a retry leaves it out), not wait out the all-reduce's bound."""
+    async with swarm_of(2) as (_, nodes):
+        swarms = [await Swarm.create(node, make_params(), config()) for node in nodes]
+        try:
+            peers = tuple(sorted((n.peer_id for n in nodes), key=lambda p: p.to_bytes()))
+            group = Group(os.urandom(16), 0, peers, peers.index(nodes[0].peer_id))
+            swarms[0].averager.timeout_seconds = 120
+            started = time.monotonic()
+            with pytest.raises(AllReduceError, match="never learned of it") as failed:
+                await swarms[0].averager.all_reduce(group, torch.ones(1000), 1.0)
+            assert time.monotonic() - started < HELLO_TIMEOUT + 15
+            assert failed.value.suspects == {nodes[1].peer_id}
+            # The peer that knew nothing of the group averages as before.
+            locals_ = [perturbed(swarms[0].params, i) for i in range(2)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 10) for s, loc in zip(swarms, locals_)])
+            assert [r.status for r in reports] == [StepStatus.AVERAGED] * 2
+            assert reports[0].params_sha256 == reports[1].params_sha256
+        finally:
+            for swarm in swarms:
+                await swarm.close()
 
 
 class FaultyDonor(StateServer):
