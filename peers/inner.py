@@ -85,16 +85,27 @@ class InnerLoop:
         stop: threading.Event | None = None,
         on_step: Callable[[float, int], None] | None = None,
         first_step: int = 0,
+        enough: threading.Event | None = None,
+        may_skip: bool = False,
+        before_step: Callable[[], None] | None = None,
     ) -> InnerResult:
-        """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set.
+        """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set, and early but complete
+        once `enough` is set and at least one step is taken (the round this work feeds waits for it), or none if
+        `may_skip` (the peer brings earlier work to that round).
 
         `first_step` is the run's index of the first of these steps: it places them on the learning-rate schedule.
+        `before_step` runs before each step (an overlapped peer moves its model onto the round's θ there).
         """
         self.model.train()
-        losses, tokens, started, taken = [], 0, time.perf_counter(), 0
+        losses, tokens, started, taken, interrupted = [], 0, time.perf_counter(), 0, False
         for _ in range(steps):
             if stop is not None and stop.is_set():
+                interrupted = True
                 break
+            if (taken > 0 or may_skip) and enough is not None and enough.is_set():
+                break
+            if before_step is not None:
+                before_step()
             batch = next(self.batches).to(self.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr_at(first_step + taken)
@@ -112,4 +123,4 @@ class InnerLoop:
             if on_step is not None:
                 on_step(loss, batch.numel())
         mean = sum(losses) / len(losses) if losses else math.nan
-        return InnerResult(taken, mean, tokens, time.perf_counter() - started, taken < steps)
+        return InnerResult(taken, mean, tokens, time.perf_counter() - started, interrupted)

@@ -83,6 +83,7 @@ class Peer:
         self.completed_steps = 0
         self._pending_tokens = 0  # tokens of inner work not yet folded into θ (carried after a failed all-reduce)
         self._outer_peak_mb: float | None = None
+        self._model_step: int | None = None  # the outer step whose θ the model holds; None: it holds local work
         self._model_facts = model_facts(self.loaded, config.model, config.seed)  # full shapes: before any sharding
         self._run_facts = RunFacts()
 
@@ -169,29 +170,55 @@ class Peer:
                 self._save_checkpoint()
 
     async def _train(self, bar: tqdm) -> None:
+        """Inner loop, outer step, records: the phases in order. Overlapped (SwarmConfig.overlap), the round of an
+        inner loop's work finishes during the next inner loop, so its record is written one loop later; the work
+        waiting for its round queues in `waiting`, and each report that comes back closes the oldest."""
+        waiting: list[tuple[InnerResult, float]] = []  # (inner loop result, when its outer step began)
         while not await self._stop_now():
-            if self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps:
+            if self.config.outer_steps is not None and self.completed_steps + len(waiting) >= self.config.outer_steps:
                 break
             bar.set_description(f"outer step {self.swarm.global_step + 1}")
             step_started = time.perf_counter()
             result = await self._combine(await asyncio.to_thread(self._inner_loop, bar))
             if result.interrupted:
-                # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
-                self._pending_tokens += result.tokens
-                logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
+                if self.config.swarm.overlap:
+                    # The work since the last round is dropped: the model goes back to the run's θ below.
+                    logger.info("stopping: inner loop interrupted; finishing the round in flight")
+                else:
+                    # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
+                    self._pending_tokens += result.tokens
+                    logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
                 break
             logger.info(
                 f"outer step {self.swarm.global_step + 1}: inner loop done ({result.steps} steps,"
                 f" {result.seconds:.1f}s), averaging"
             )
-            report = await self._outer_step(result)
-            facts = await self._step_facts(report)
-            facts["eval_loss"] = await self._evaluate(report)
-            facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
-            record = self._record(result, report, facts)
-            if self.monitor is not None:
-                await self.monitor.observe(record, self._run_facts.tokens)
-            self.completed_steps += 1
+            waiting.append((result, step_started))
+            waited = time.perf_counter()
+            reports = await self._outer_step(result)
+            wait = time.perf_counter() - waited
+            for report in reports:
+                await self._close_step(*waiting.pop(0), report, wait)
+            self.swarm.start_inner_loop(self._local_params())
+            self._model_step = None
+        if waiting:
+            report = await self.swarm.finish()  # the round in flight finishes with its group before we leave
+            if report is not None:
+                self._after_round(report, sum(r.tokens for r, _ in waiting))
+                await self._close_step(*waiting.pop(0), report, 0.0)
+            self._load_global_into_model()
+            self._pending_tokens = 0
+
+    async def _close_step(self, result: InnerResult, step_started: float, report: OuterStepReport, wait: float):
+        """Evaluate, record and checkpoint the outer step whose round `report` describes."""
+        facts = await self._step_facts(report)
+        facts["eval_loss"] = await self._evaluate(report)
+        facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
+        facts["wait_seconds"] = round(wait, 4)
+        record = self._record(result, report, facts)
+        if self.monitor is not None:
+            await self.monitor.observe(record, self._run_facts.tokens)
+        self.completed_steps += 1
 
     async def _stop_now(self) -> bool:
         """Whether to stop before the next outer step (a sharded peer's workers decide together)."""
@@ -214,33 +241,64 @@ class Peer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
 
-        first_step = self.swarm.global_step * self.config.inner_steps
-        return self.inner.run(self.config.inner_steps, self._stop_flag(), on_step, first_step)
+        # The round this loop feeds: overlapped, the previous one may still be in flight, θ one step behind.
+        first_step = self.swarm.next_round * self.config.inner_steps
+        flags = (self._stop_flag(), on_step, first_step, self._called_flag(), self.swarm.carries_work)
+        return self.inner.run(self.config.inner_steps, *flags, before_step=self._before_step)
+
+    def _before_step(self) -> None:
+        """Overlapped: once the round in flight has landed, the model moves onto its θ (see swarm.overlap)."""
+        if self._shift_due():
+            self.swarm.shift_inner_loop(self._local_params())
+
+    def _shift_due(self) -> bool:
+        return self.swarm.shift_ready.is_set()
 
     def _stop_flag(self):
         """What the inner loop checks before every step (a sharded peer's workers must all stop at the same one)."""
         return self.stop_requested
 
+    def _called_flag(self):
+        """Set when the round this loop feeds is being formed and waits for us: the loop ends after its current step
+        (at least one), so a slower peer is averaged in with the steps it managed rather than held up for."""
+        return self.swarm.round_called
+
     def _local_params(self) -> list[torch.Tensor]:
         return [p.detach() for p in self.model.parameters()]
 
+    def _theta_of(self, report: OuterStepReport) -> list[torch.Tensor]:
+        """θ as of `report`: the model's copy when it holds it (overlapped, the swarm's θ may move on meanwhile, as
+        the next round lands), else the swarm's."""
+        return self._local_params() if self._model_step == report.outer_step else self.swarm.params
+
     async def _step_facts(self, report: OuterStepReport) -> dict:
         """What the metrics record says beyond the report: the layout-independent θ hash, the outer step's memory."""
-        digests = await asyncio.to_thread(lambda: [records.row_digests(p) for p in self.swarm.params])
+        theta = self._theta_of(report)
+        digests = await asyncio.to_thread(lambda: [records.row_digests(p) for p in theta])
         return {"theta_sha256": records.theta_sha256(digests), "workers": 1, "outer_step_peak_mb": self._outer_peak_mb}
 
-    async def _outer_step(self, result: InnerResult) -> OuterStepReport:
+    async def _outer_step(self, result: InnerResult) -> list[OuterStepReport]:
+        """Hand the inner loop's work to the swarm; the reports of the rounds that finished (see _train)."""
         local = self._local_params()
         tokens = self._pending_tokens + result.tokens
-        if not math.isfinite(result.loss):
+        if result.steps > 0 and not math.isfinite(result.loss):
             # Make sure a poisoned step never reaches anyone: NaN loss means NaN parameters or moments.
             logger.error(f"inner loss was not finite at outer step {self.swarm.global_step}")
         before = memory.rss_bytes()
         measured = memory.reset_peak()
-        report = await self.swarm.outer_step(local, tokens)
+        reports = await self.swarm.submit(local, tokens)
         peak = memory.peak_rss_bytes()
         # Memory the outer step added on top of what the process held before it (θ, model, optimizer states).
         self._outer_peak_mb = round((peak - before) / 2**20, 2) if measured and peak and before else None
+        # Overlapped, the swarm keeps the work from now on; blocking, until a report says it took it.
+        self._pending_tokens = 0 if self.config.swarm.overlap else tokens
+        for report in reports:
+            self._after_round(report, tokens)
+        return reports
+
+    def _after_round(self, report: OuterStepReport, tokens: int) -> None:
+        """The model takes θ for evaluation and checkpoints (overlapped, `start_inner_loop` then moves it to where
+        the next inner loop starts); blocking, a failed round leaves the work in the model, its tokens pending."""
         if report.restart_from_global:
             self._load_global_into_model()
             self._pending_tokens = 0
@@ -248,15 +306,13 @@ class Peer:
             self._pending_tokens = tokens
         if report.status == StepStatus.NONFINITE:
             self.inner.reset_optimizer()
-        try:
-            await asyncio.wait_for(self.swarm.publish_hash(report), 10)
-        except Exception as e:  # the hash record is advisory; training goes on without it
-            logger.debug(f"could not publish the θ hash: {e!r}")
-        return report
 
     async def _evaluate(self, report: OuterStepReport) -> float | None:
-        """Held-out loss of θ when it is due. After a failed all-reduce the model holds local work, not θ: skipped."""
-        if self.evaluator is None or not report.restart_from_global or not self.evaluator.due(report.outer_step):
+        """Held-out loss of θ when it is due. After a failed all-reduce the model holds local work, not θ, and after
+        the run moved on (a resync right after the round) the model holds a later θ: skipped."""
+        if self.evaluator is None or self._model_step != report.outer_step:
+            return None
+        if not self.evaluator.due(report.outer_step):
             return None
         loss = await asyncio.to_thread(self.evaluator.loss)
         return loss if math.isfinite(loss) else None
@@ -265,6 +321,7 @@ class Peer:
     def _load_global_into_model(self) -> None:
         for p, g in zip(self.model.parameters(), self.swarm.params, strict=True):
             p.copy_(g)
+        self._model_step = self.swarm.global_step
 
     def _record(self, result: InnerResult, report: OuterStepReport, facts: dict) -> dict:
         record = {
@@ -279,8 +336,10 @@ class Peer:
             "attempts": report.attempts,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
+            "inner_steps": result.steps,
             "compute_seconds": round(result.seconds, 4),
             "comm_seconds": round(report.comm_seconds, 4),
+            "overlapped": report.overlapped,
             "params_sha256": report.params_sha256,
             **facts,
             "time": time.time(),
