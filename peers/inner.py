@@ -43,6 +43,12 @@ class InnerConfig:
         return self.lr * scale
 
 
+CALLED_SLACK = 0.1
+"""A loop whose round waits for it still finishes when at most this share of its steps is left: equal peers a few
+steps apart all train their H steps (the round waits that little for them), while a peer several times slower than
+the others stops after its current step."""
+
+
 @dataclass
 class InnerResult:
     steps: int
@@ -90,19 +96,20 @@ class InnerLoop:
         before_step: Callable[[], None] | None = None,
     ) -> InnerResult:
         """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set, and early but complete
-        once `enough` is set and at least one step is taken (the round this work feeds waits for it), or none if
-        `may_skip` (the peer brings earlier work to that round).
+        once `enough` is set and at least one step is taken (the round this work feeds waits for it) unless only a
+        few are left (CALLED_SLACK), or none if `may_skip` (the peer brings earlier work to that round).
 
         `first_step` is the run's index of the first of these steps: it places them on the learning-rate schedule.
         `before_step` runs before each step (an overlapped peer moves its model onto the round's θ there).
         """
         self.model.train()
         losses, tokens, started, taken, interrupted = [], 0, time.perf_counter(), 0, False
+        slack = int(CALLED_SLACK * steps)
         for _ in range(steps):
             if stop is not None and stop.is_set():
                 interrupted = True
                 break
-            if (taken > 0 or may_skip) and enough is not None and enough.is_set():
+            if enough is not None and enough.is_set() and (may_skip or (taken > 0 and steps - taken > slack)):
                 break
             if before_step is not None:
                 before_step()

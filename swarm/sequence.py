@@ -163,7 +163,9 @@ class OuterSequence:
 
     def _next_round(self, step: int) -> None:
         """The round this peer's next contribution goes to: a leader of that round that pings us ends our inner
-        loop early (Swarm.round_called), and our answers say we are coming."""
+        loop early (Swarm.round_called), and our answers say we are coming. A call for the round before is void."""
+        if self.swarm.matchmaker.next_round != step:
+            self.swarm.round_called.clear()
         self.swarm.matchmaker.next_round = step
 
     # ---- the outer step -------------------------------------------------------------------------------------------
@@ -398,6 +400,8 @@ class OuterSequence:
         from the θ and momentum it was made with) to the new θ, and let the inner loop take it."""
         swarm, work = self.swarm, self._work
         ours = work is not None and work.vector is delta and work.alone is not None
+        if ours and average is work.vector:
+            average = average.clone()  # alone, our Δ is what θ takes: keep it from the guess written over it
         if ours:
             for i, seg in enumerate(unflatten(work.vector, swarm.params)):
                 to_start_point(swarm.outer, i, seg, work.alone)

@@ -270,3 +270,24 @@ async def test_fast_peers_do_not_wait_past_the_budget_for_a_peer_slower_than_a_r
             assert slow[0].outer_step > 1, "it came late: the run was ahead"
             hashes = {r.outer_step: r.params_sha256 for r in fast_a}
             assert all(hashes.get(r.outer_step) == r.params_sha256 for r in averaged)
+
+
+@pytest.mark.timeout(60)
+async def test_a_lone_overlapped_peer_trains_on_from_its_own_result():
+    """Nobody else in the run: each round lands alone, θ takes the peer's own inner result (as a blocking peer
+    alone does), and the next inner loop starts right there."""
+    async with swarm_of(1) as (_, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: overlapped(alone_after_seconds=0.5)) as (swarm,):
+            model = [t.clone() for t in theta]
+            for step in range(2):
+                model = perturbed(model, step)
+                ended = [t.clone() for t in model]
+                await swarm.submit(model, 100)
+                swarm.start_inner_loop(model)
+                assert_close(model, ended, f"step {step}: a lone peer starts from its own result")
+                report = await swarm.finish()
+                assert report.status == StepStatus.ALONE and report.overlapped
+                assert_close(swarm.params, ended, f"step {step}: θ is not the lone peer's own result")
+                swarm.shift_inner_loop(model)  # the round landed: θ is where the loop started, nothing moves
+                assert_close(model, ended, f"step {step}: the shift moved a lone peer")
