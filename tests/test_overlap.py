@@ -291,3 +291,37 @@ async def test_a_lone_overlapped_peer_trains_on_from_its_own_result():
                 assert_close(swarm.params, ended, f"step {step}: θ is not the lone peer's own result")
                 swarm.shift_inner_loop(model)  # the round landed: θ is where the loop started, nothing moves
                 assert_close(model, ended, f"step {step}: the shift moved a lone peer")
+
+
+@pytest.mark.timeout(240)
+def test_three_swarm_peers_one_four_times_slower_overlapped(tmp_path):
+    """The programs, as a reviewer runs them: three `swarm-peer --overlap`, one with 4x the batch (each of its inner
+    steps about 4x longer). The fast peers' time between records is mostly compute, every group agrees on θ, and
+    the slow peer's work is averaged in, with fewer inner steps per outer step."""
+    from benchmarks.wan import groups_agree, peer_figures
+    from peers.launch import read_metrics, start_bootstrap, start_peer, stop
+
+    boot = start_bootstrap(str(tmp_path), "--run-id", "uneven")
+    peers = []
+    try:
+        for i, batch in enumerate([4, 4, 16]):
+            peers.append(start_peer(
+                str(tmp_path), f"p{i}", boot.maddrs, "--run-id", "uneven", "--outer-steps", "6", "--overlap",
+                "--inner-steps", "10", "--batch-size", str(batch), "--seq-len", "64", "--eval-dataset", "none",
+                "--metrics-file", str(tmp_path / f"p{i}.jsonl"),
+            ))  # fmt: skip
+        codes = [p.wait(timeout=200) for p in peers]
+        assert codes == [0, 0, 0], [(tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(3)]
+    finally:
+        for p in peers:
+            stop(p)
+        stop(boot.process)
+    records = [read_metrics(str(tmp_path / f"p{i}.jsonl")) for i in range(3)]
+    assert [len(r) for r in records] == [6, 6, 6]
+    assert groups_agree(records)
+    fast = [peer_figures(r) for r in records[:2]]
+    assert all(f["utilization"] > 0.6 for f in fast), fast  # three processes share two cores here
+    slow = records[2]
+    averaged = [r for r in slow[1:] if r["status"] == "averaged" and r["group_size"] == 3]
+    assert len(averaged) >= 4, [(r["status"], r["group_size"]) for r in slow]
+    assert sum(r["inner_steps"] for r in slow[1:]) < sum(r["inner_steps"] for r in records[0][1:]), "never called"
