@@ -1,11 +1,22 @@
-"""Local checkpoints of a peer: atomic (temp file, fsync, rename), the newest K kept, corrupt ones skipped."""
+"""Local checkpoints of a peer: atomic (temp file, fsync, rename), the newest K kept, corrupt ones skipped.
+
+A peer saves after every outer step from its live tensors, in a background thread (`save_in_background`): no copy of
+θ, the momentum, the model or AdamW's moments is made (that was a third of a CPU peer's memory), and the event loop
+goes on answering the swarm while gigabytes go to disk. The price is a rule for the caller: nothing the checkpoint
+holds may change until `wait()` says the write is done. The peer waits before its first optimizer step of the next
+inner loop (the first change to the model and the moments, so the step's forward and backward overlap the write) and
+before its next outer step (the first change to θ and the momentum).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import glob
 import logging
 import os
 import re
+import time
 
 import torch
 
@@ -28,6 +39,10 @@ class Checkpointer:
         self.suffix = "" if shard is None else f".shard{shard[0]}of{shard[1]}"
         self._name = re.compile(rf"^step-(\d{{8}}){re.escape(self.suffix)}\.pt$")
         os.makedirs(directory, exist_ok=True)
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future | None = None
+        self.last_write: tuple[int, float] | None = None
+        """(outer step, seconds) of the newest checkpoint written in the background."""
 
     def _paths(self) -> list[str]:
         names = [n for n in os.listdir(self.directory) if self._name.match(n)]
@@ -65,6 +80,52 @@ class Checkpointer:
         for old in self._paths()[: -self.keep]:
             os.remove(old)
         return path
+
+    def save_in_background(self, state: dict, outer_step: int) -> concurrent.futures.Future:
+        """Start writing `state` (live tensors, not copies) in a background thread; returns its future.
+
+        The tensors in `state` must not change until `wait()` returns: see the module's docstring. A failed write is
+        logged (training goes on, the next outer step tries again) and its future holds the CheckpointError."""
+        self.wait()  # one write at a time: the newest K are kept in order
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending = self._writer.submit(self._timed_save, state, outer_step)
+        return self._pending
+
+    def _timed_save(self, state: dict, outer_step: int) -> str:
+        started = time.perf_counter()
+        try:
+            path = self.save(state, outer_step)
+        except CheckpointError as e:
+            logger.error(f"{e}; training continues, the next outer step tries again")
+            raise
+        seconds = time.perf_counter() - started
+        self.last_write = (outer_step, seconds)
+        logger.info(f"checkpoint of outer step {outer_step} written in {seconds:.2f}s: {path}")
+        return path
+
+    @property
+    def writing(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def wait(self) -> None:
+        """Block until the background write in flight (if any) is done, whether it succeeded or not."""
+        pending = self._pending
+        if pending is not None:
+            concurrent.futures.wait([pending])
+
+    async def wait_async(self) -> None:
+        """`wait()` for the event loop: awaits the write without blocking the loop."""
+        pending = self._pending
+        if pending is not None and not pending.done():
+            await asyncio.wait([asyncio.wrap_future(pending)])
+
+    def close(self) -> None:
+        """Finish the write in flight and stop the writer thread."""
+        self.wait()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def load_latest(self) -> tuple[dict, str] | None:
         """The newest checkpoint that loads; a damaged one is skipped with a warning."""

@@ -185,6 +185,23 @@ network, training, data, observability, checkpoints = (
     default="fp32",
     help="Compute precision of the inner steps; θ and both optimizers stay fp32.",
 )
+@training(
+    "--device",
+    default="auto",
+    help="Where the model trains: auto (a GPU when CUDA works, else the CPU), cpu, cuda or cuda:N. θ and the outer "
+    "optimizer stay fp32 on the host.",
+)
+@training(
+    "--micro-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sequences per forward/backward pass; gradients accumulate to --batch-size. Default: the whole batch.",
+)
+@training(
+    "--activation-checkpointing/--no-activation-checkpointing",
+    default=False,
+    help="Recompute activations in the backward pass: less memory for about a third more compute.",
+)
 @data(
     "--dataset",
     default="embedded",
@@ -259,8 +276,8 @@ def _run_worker(config, rank: int, count: int) -> int:
     from swarm.local import LocalGroup
 
     backend = "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+    if config.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU per worker; --device then picks it
         backend = "nccl"
     if rank != 0:
         config.progress = False
@@ -308,10 +325,27 @@ def build_config(flags: dict):
                 f"{maddr!r} lacks the peer id: pass the full address printed by the node, ending in /p2p/<id>",
                 param_hint="'--initial-peers'",
             )
+    from peers.device import DeviceError, resolve
+
+    try:
+        device = resolve(flags["device"])
+    except DeviceError as e:
+        raise click.BadParameter(str(e), param_hint="'--device'") from None
+    if flags["micro_batch_size"] is not None and flags["micro_batch_size"] > flags["batch_size"]:
+        raise click.BadParameter(
+            f"{flags['micro_batch_size']} is larger than --batch-size {flags['batch_size']}",
+            param_hint="'--micro-batch-size'",
+        )
     if flags["nproc_per_node"] > 1:
         import torch
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if ":" in flags["device"]:
+            raise click.BadParameter(
+                f"{flags['device']!r} names one GPU, but --nproc-per-node {flags['nproc_per_node']} gives each worker"
+                " its own: use cuda, auto or cpu",
+                param_hint="'--device'",
+            )
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() and device.type == "cuda" else 0
         if gpus and gpus < flags["nproc_per_node"]:
             raise click.BadParameter(
                 f"{flags['nproc_per_node']} workers but only {gpus} GPUs: use at most one worker per GPU",
@@ -353,7 +387,13 @@ def build_config(flags: dict):
     return PeerConfig(
         node=node,
         swarm=swarm,
-        inner=InnerConfig(lr=flags["lr"], warmup_steps=flags["warmup_steps"], decay_steps=flags["decay_steps"]),
+        inner=InnerConfig(
+            lr=flags["lr"],
+            warmup_steps=flags["warmup_steps"],
+            decay_steps=flags["decay_steps"],
+            micro_batch_size=flags["micro_batch_size"],
+            activation_checkpointing=flags["activation_checkpointing"],
+        ),
         inner_steps=flags["inner_steps"],
         batch_size=flags["batch_size"],
         seq_len=flags["seq_len"],
@@ -365,6 +405,7 @@ def build_config(flags: dict):
         metrics_file=flags["metrics_file"],
         progress=flags["progress"],
         precision=flags["precision"],
+        device=flags["device"],
         workers=flags["nproc_per_node"],
         eval=EvalConfig(
             dataset=None if flags["eval_dataset"] == "none" else flags["eval_dataset"],

@@ -7,6 +7,7 @@ checkpoint saves.
 
 from __future__ import annotations
 
+import collections
 import glob
 import logging
 import os
@@ -99,52 +100,106 @@ def _text_column(dataset) -> str:
 
 
 class TokenBatcher:
-    """Yields [batch_size, seq_len] token tensors forever, packing texts end to end with an end-of-text token."""
+    """Yields [batch_size, seq_len] token tensors forever, packing texts end to end with an end-of-text token.
 
-    def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, seed: int, skip_batches: int = 0):
+    `position` counts the batches produced; `cursor` says where the next batch starts in the stream: the epoch, the
+    index of an example in that epoch's shuffled order, and a token offset into that example's tokens. A batcher
+    made with a saved cursor starts exactly there, reading only the example the cursor points into: resuming far into
+    the data costs what resuming at its start costs, where replaying the stream re-tokenized everything seen so far.
+    On a streamed dataset (no random access) the cursor also holds the stream's own state (`datasets`'
+    `IterableDataset.state_dict`), which restores the stream's place but not its shuffle buffer: the examples after
+    such a resume are not the ones an uninterrupted stream would have given.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        tokenizer,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        skip_batches: int = 0,
+        cursor: dict | None = None,
+    ):
+        """Start at `cursor` (a previous batcher's `cursor`) or, without one, replay `skip_batches` batches (what a
+        checkpoint without a cursor needs)."""
         self.dataset, self.tokenizer = dataset, tokenizer
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.column = _text_column(dataset)
-        self.position = 0
-        self._stream = self._token_stream()
-        for _ in range(skip_batches):  # resume where a checkpoint left off
+        self.seekable = hasattr(dataset, "__len__")
+        start = (0, 0, None) if cursor is None else (int(cursor["epoch"]), int(cursor["index"]), cursor.get("stream"))
+        self._examples = self._read_examples(*start)
+        # Examples read but not fully batched yet, as (epoch, index, offset, tokens, stream state): their tokens from
+        # the offset on are still to come. There is always one: the first one's place is the cursor.
+        epoch, index, _, tokens, stream = next(self._examples)
+        offset = 0 if cursor is None else int(cursor["offset"])
+        self._segments = collections.deque([(epoch, index, offset, tokens, stream)])
+        self.position = 0 if cursor is None else int(cursor["batches"])
+        for _ in range(0 if cursor is not None else skip_batches):
             next(self)
 
-    def _texts(self) -> Iterator[str]:
-        epoch = 0
+    @property
+    def cursor(self) -> dict:
+        """Where the next batch starts (see the class docstring): ints and dicts only, for a checkpoint."""
+        epoch, index, offset, _, stream = self._segments[0]
+        place = {"batches": self.position, "epoch": epoch, "index": index, "offset": offset}
+        if stream is not None:
+            place["stream"] = stream
+        return place
+
+    def _order(self, epoch: int):
+        if self.seekable:
+            return self.dataset.shuffle(seed=self.seed + epoch)
+        return self.dataset.shuffle(seed=self.seed + epoch, buffer_size=1000)
+
+    def _read_examples(self, epoch: int, index: int, stream: dict | None) -> Iterator[tuple]:
+        """(epoch, index, 0, tokens, stream state before it) of every non-empty example from `index` of `epoch`
+        on, then of every later epoch, forever."""
         while True:
-            if hasattr(self.dataset, "__len__"):
-                order = self.dataset.shuffle(seed=self.seed + epoch)
+            order = self._order(epoch)
+            if self.seekable:
+                rows = iter(order.select(range(index, len(order))) if index else order)
             else:
-                order = self.dataset.shuffle(seed=self.seed + epoch, buffer_size=1000)
-            produced = False
-            for example in order:
+                if stream is not None:
+                    order.load_state_dict(stream)
+                rows = iter(order)
+            produced = index > 0
+            while True:
+                before = None if self.seekable else order.state_dict()
+                example = next(rows, None)
+                if example is None:
+                    break
                 text = example.get(self.column)
                 if isinstance(text, str) and text:
                     produced = True
-                    yield text
+                    yield epoch, index, 0, self._encode(text), before
+                index += 1
             if not produced:
                 raise DataLoadError("the dataset yielded no text")
-            epoch += 1
+            epoch, index, stream = epoch + 1, 0, None
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return list(ids) + ([eos] if eos is not None else [])
 
-    def _token_stream(self) -> Iterator[torch.Tensor]:
-        need = self.batch_size * self.seq_len
-        buffer: list[int] = []
-        for text in self._texts():
-            buffer.extend(self._encode(text))
-            while len(buffer) >= need:
-                block, buffer = buffer[:need], buffer[need:]
-                yield torch.tensor(block, dtype=torch.long).view(self.batch_size, self.seq_len)
-
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        batch = next(self._stream)
+        need = self.batch_size * self.seq_len
+        held = sum(len(tokens) - offset for _, _, offset, tokens, _ in self._segments)
+        while held < need:
+            self._segments.append(next(self._examples))
+            held += len(self._segments[-1][3])
+        block: list[int] = []
+        while len(block) < need:
+            epoch, index, offset, tokens, stream = self._segments.popleft()
+            end = min(len(tokens), offset + need - len(block))
+            block.extend(tokens[offset:end])
+            if end < len(tokens):
+                self._segments.appendleft((epoch, index, end, tokens, stream))
+        if not self._segments:
+            self._segments.append(next(self._examples))  # the cursor is the first segment's place
         self.position += 1
-        return batch
+        return torch.tensor(block, dtype=torch.long).view(self.batch_size, self.seq_len)

@@ -1,16 +1,21 @@
-"""The inner loop of DiLoCo: H steps of AdamW on local data. Runs in a worker thread, never in the event loop."""
+"""The inner loop of DiLoCo: H steps of AdamW on local data. Runs in a worker thread, never in the event loop.
+
+The loop never waits for the host without need: batches come ready from a background thread (peers.prefetch), the
+losses are summed on the device and read back once per loop (the progress bar reads one when it redraws), and
+gradients of a batch too large for the device accumulate over micro-batches.
+"""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from peers.data import TokenBatcher
+from peers.device import adamw, to_device
 
 
 @dataclass
@@ -26,6 +31,16 @@ class InnerConfig:
     decay_steps: int | None = None
     """Inner steps of the run after which a cosine decay reaches `min_lr_ratio * lr`; None keeps `lr` after warmup."""
     min_lr_ratio: float = 0.1
+    micro_batch_size: int | None = None
+    """Sequences per forward and backward pass; their gradients accumulate into the step's, so --batch-size does not
+    depend on device memory. None: the whole batch in one pass."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: about a third more compute
+    for activation memory that no longer grows with the number of layers."""
+
+    def validate(self, batch_size: int) -> None:
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= batch_size:
+            raise ValueError(f"micro_batch_size must be in [1, batch size {batch_size}], got {self.micro_batch_size}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the run's inner step `step` (outer step t, inner step k: step = t * H + k).
@@ -63,22 +78,29 @@ class InnerLoop:
     def __init__(
         self,
         model: torch.nn.Module,
-        batches: TokenBatcher,
+        batches: Iterator[torch.Tensor],
         config: InnerConfig,
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
     ):
-        """`autocast_dtype` (e.g. bfloat16) runs the forward pass in that precision; parameters and AdamW stay fp32.
+        """`model` must already be on `device`. `autocast_dtype` (e.g. bfloat16) runs the forward pass in that
+        precision; parameters and AdamW stay fp32.
 
         A model sharded with FSDP gets its precision from its mixed-precision policy instead (peers.parallelize).
         """
         self.model, self.batches, self.config = model, batches, config
         self.device, self.autocast_dtype = torch.device(device), autocast_dtype
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=self.config.lr, betas=self.config.betas, weight_decay=self.config.weight_decay
+        return adamw(
+            self.model.parameters(),
+            self.device,
+            lr=self.config.lr,
+            betas=self.config.betas,
+            weight_decay=self.config.weight_decay,
         )
 
     def reset_optimizer(self) -> None:
@@ -89,21 +111,26 @@ class InnerLoop:
         self,
         steps: int,
         stop: threading.Event | None = None,
-        on_step: Callable[[float, int], None] | None = None,
+        on_step: Callable[[torch.Tensor, int], None] | None = None,
         first_step: int = 0,
         enough: threading.Event | None = None,
         may_skip: bool = False,
         before_step: Callable[[], None] | None = None,
+        before_update: Callable[[], None] | None = None,
     ) -> InnerResult:
         """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set, and early but complete
         once `enough` is set and at least one step is taken (the round this work feeds waits for it) unless only a
         few are left (CALLED_SLACK), or none if `may_skip` (the peer brings earlier work to that round).
 
         `first_step` is the run's index of the first of these steps: it places them on the learning-rate schedule.
+        `on_step(loss, tokens)` gets the step's loss as a device tensor (reading it waits for the device).
         `before_step` runs before each step (an overlapped peer moves its model onto the round's θ there).
+        `before_update()` runs before each optimizer step, the first change to the parameters and moments: a
+        checkpoint that is still writing them out from the live tensors holds the step there (peers.checkpoint).
         """
         self.model.train()
-        losses, tokens, started, taken, interrupted = [], 0, time.perf_counter(), 0, False
+        loss_sum = torch.zeros((), device=self.device)
+        tokens, started, taken, interrupted = 0, time.perf_counter(), 0, False
         slack = int(CALLED_SLACK * steps)
         for _ in range(steps):
             if stop is not None and stop.is_set():
@@ -113,21 +140,50 @@ class InnerLoop:
                 break
             if before_step is not None:
                 before_step()
-            batch = next(self.batches).to(self.device)
+            batch = to_device(next(self.batches), self.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr_at(first_step + taken)
-            with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                out = self.model(input_ids=batch, labels=batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss = self.accumulate_gradients(batch)
             if self.config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            if before_update is not None:
+                before_update()
             self.optimizer.step()
-            loss = float(out.loss.detach())
-            losses.append(loss)
+            # Freed, not zeroed: between steps and during the outer step the gradients hold no memory.
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss
             tokens += batch.numel()
             taken += 1
             if on_step is not None:
                 on_step(loss, batch.numel())
-        mean = sum(losses) / len(losses) if losses else math.nan
+        mean = float(loss_sum) / taken if taken else math.nan  # the loop's one wait for the device
         return InnerResult(taken, mean, tokens, time.perf_counter() - started, interrupted)
+
+    def accumulate_gradients(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of `batch` in micro-batches, gradients summed into `.grad`; returns the batch's mean
+        loss (detached, on the device).
+
+        Every sequence has the same number of predicted tokens, so the batch's mean loss is the micro-batches' mean
+        losses weighted by their share of the sequences: scaling each backward by that share gives the whole batch's
+        gradient (up to float rounding)."""
+        size = self.config.micro_batch_size or batch.shape[0]
+        chunks = batch.split(size) if size < batch.shape[0] else (batch,)
+        total = None
+        for i, chunk in enumerate(chunks):
+            set_sync = getattr(self.model, "set_requires_gradient_sync", None)
+            if set_sync is not None and len(chunks) > 1:
+                set_sync(i == len(chunks) - 1)  # FSDP: reduce the gradients once, after the last micro-batch
+            with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.model(input_ids=chunk, labels=chunk).loss
+            share = chunk.shape[0] / batch.shape[0]
+            (loss * share if len(chunks) > 1 else loss).backward()
+            part = loss.detach() * share
+            total = part if total is None else total + part
+        return total
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' own per-block checkpointing, non-reentrant (the form that works under FSDP2 and autocast)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

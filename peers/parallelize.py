@@ -39,9 +39,11 @@ def local_shards(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def localize(tree):
-    """A state tree (dicts, lists, tensors) with every DTensor replaced by this worker's local tensor, for saving."""
+    """A state tree (dicts, lists, tensors) with every DTensor replaced by this worker's local tensor, for saving.
+
+    Views, not copies: the checkpoint is written from them before anything changes them (peers.checkpoint)."""
     if hasattr(tree, "to_local"):
-        return tree.to_local().detach().clone()
+        return tree.to_local().detach()
     if isinstance(tree, dict):
         return {k: localize(v) for k, v in tree.items()}
     if isinstance(tree, list):

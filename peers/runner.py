@@ -18,17 +18,20 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from peers import device as devices
 from peers import memory
-from peers.checkpoint import Checkpointer, CheckpointError
+from peers.checkpoint import Checkpointer
 from peers.data import EMBEDDED as EMBEDDED_DATA
 from peers.data import TokenBatcher, load_text_dataset
 from peers.evaluate import EvalConfig, Evaluator
 from peers.exportable import RunFacts, model_facts, shard_rows
 from peers.inner import InnerConfig, InnerLoop, InnerResult
+from peers.looplag import LoopLag
 from peers.metrics import MetricsWriter
 from peers.model import EMBEDDED as EMBEDDED_MODEL
 from peers.model import load_model
 from peers.monitoring import PeerMonitor
+from peers.prefetch import Prefetcher
 from swarm import NodeConfig, OuterStepReport, StepStatus, Swarm, SwarmConfig, SwarmNode, records
 from swarm.monitor import MonitorConfig
 
@@ -57,10 +60,18 @@ class PeerConfig:
     """Progress bar: True, False, or None for 'only on a terminal'."""
     precision: str = "fp32"
     """Precision of the inner steps' compute: fp32 or bf16. θ, the outer optimizer and AdamW's state stay fp32."""
+    device: str = "auto"
+    """Where the model, its gradients and AdamW's moments live: auto, cpu, cuda or cuda:N (peers.device). θ and the
+    outer optimizer stay fp32 on the host."""
     workers: int = 1
     """Local workers the model is sharded over (FSDP); 1 trains the whole model in this process."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+def data_position(state: dict) -> tuple[int, dict | None]:
+    """(batches the peer had trained on, where its next batch starts) of a checkpoint; older ones have no cursor."""
+    return int(state.get("data_position", 0)), state.get("data_cursor")
 
 
 class Peer:
@@ -72,35 +83,52 @@ class Peer:
         self.metrics: MetricsWriter | None = None
         self.monitor: PeerMonitor | None = None
         self.evaluator: Evaluator | None = None
+        self.loop_lag: LoopLag | None = None
         self.checkpointer = (
             Checkpointer(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
         )
         self.loaded = load_model(config.model, config.seed)
         if self.loaded.max_positions is not None and config.seq_len > self.loaded.max_positions:
             raise ValueError(f"--seq-len {config.seq_len} exceeds the model's {self.loaded.max_positions} positions")
-        self.model = self.loaded.model
+        config.inner.validate(config.batch_size)
+        checkpointable = getattr(self.loaded.model, "supports_gradient_checkpointing", False)
+        if config.inner.activation_checkpointing and not checkpointable:
+            raise ValueError(f"--activation-checkpointing: {config.model} does not support it")
+        self.device = devices.resolve(config.device)
+        devices.configure(self.device)
+        self.model = self.loaded.model.to(self.device)
+        # A one-worker CPU peer keeps its parameters in one vector, where it computes Δ for the outer step in place.
+        cpu_alone = self.device.type == "cpu" and config.workers == 1
+        self._flat_params = devices.flatten_parameters(self.model) if cpu_alone else None
         self.dataset = load_text_dataset(config.dataset)
         self.completed_steps = 0
         self._pending_tokens = 0  # tokens of inner work not yet folded into θ (carried after a failed all-reduce)
         self._outer_peak_mb: float | None = None
-        self._model_step: int | None = None  # the outer step whose θ the model holds; None: it holds local work
+        self._peak_rss_mb: float | None = None
+        self._model_step: int | None = 0  # the outer step whose θ the model holds exactly; None: it holds local work
         self._model_facts = model_facts(self.loaded, config.model, config.seed)  # full shapes: before any sharding
         self._run_facts = RunFacts()
+        self._unsaved = True  # something a checkpoint would hold changed since the last one was started
+        self._checkpoint_holds_model = False  # the checkpoint in flight holds the model's own parameters
+        self._peak_flops = devices.peak_bf16_flops(self.device)
+        self._params = sum(p.numel() for p in self.model.parameters())
 
     def request_stop(self) -> None:
         self.stop_requested.set()
 
     async def start(self) -> list[str]:
         """Join the swarm; returns this peer's own addresses for others to join through."""
+        self.loop_lag = LoopLag.start()
         self.node = await SwarmNode.create(self.config.node)
         params = [p.detach() for p in self.model.parameters()]
         self.swarm = await Swarm.create(self.node, params, self.config.swarm)
-        data_position = self._restore()
+        self._checkpoints_guard_state()
+        data_position = await asyncio.to_thread(self._restore)  # gigabytes to read for a large model
         if await self.swarm.join_run():
             # The run is ahead of us (a newcomer, or a checkpoint older than the swarm): start from its θ.
-            self._load_global_into_model()
+            await asyncio.to_thread(self._load_global_into_model)
             self._pending_tokens = 0
-        self._make_batches(data_position)
+        self._make_batches(*data_position)
         self.inner = self._make_inner_loop()
         if self._restored_inner_state is not None:
             self.inner.optimizer.load_state_dict(self._restored_inner_state)
@@ -121,29 +149,38 @@ class Peer:
             swarm = getattr(self.swarm, "swarm", self.swarm)  # a ShardedSwarm speaks through worker 0's Swarm
             self.monitor = await PeerMonitor.create(self.config.monitor, self.node, swarm, self.config.swarm.run_id)
 
-    def _make_batches(self, data_position: int) -> None:
+    def _checkpoints_guard_state(self) -> None:
+        """θ and the momentum change only once the checkpoint being written from them is done (an overlapped round
+        lands in the background, while the checkpoint of the round before may still be writing)."""
+        if self.checkpointer is not None:
+            getattr(self.swarm, "swarm", self.swarm).before_state_change = self.checkpointer.wait_async
+
+    def _make_batches(self, position: int, cursor: dict | None) -> None:
         # The data order mixes the run's seed with this node's id: every peer (and every worker) reads its own order.
         peer_salt = zlib.crc32(self.node.peer_id.to_bytes())
-        self.batches = TokenBatcher(
+        batcher = TokenBatcher(
             self.dataset,
             self.loaded.tokenizer,
             self.config.batch_size,
             self.config.seq_len,
             seed=self.config.seed * 1_000_003 + peer_salt,
-            skip_batches=data_position,
+            skip_batches=position,  # only for a checkpoint without a cursor (older ones): replayed
+            cursor=cursor,
         )
+        self.batches = Prefetcher(batcher, self.device)
 
     def _make_inner_loop(self) -> InnerLoop:
         autocast = torch.bfloat16 if self.config.precision == "bf16" else None
         return InnerLoop(self.model, self.batches, self.config.inner, autocast_dtype=autocast)
 
-    def _restore(self) -> int:
+    def _restore(self) -> tuple[int, dict | None]:
+        """Load the newest checkpoint, if any; returns its data position (batches, and the cursor if it has one)."""
         self._restored_inner_state = None
         if self.checkpointer is None:
-            return 0
+            return 0, None
         found = self.checkpointer.load_latest()
         if found is None:
-            return 0
+            return 0, None
         state, path = found
         if state.get("run_id") != self.config.swarm.run_id:
             raise ValueError(
@@ -151,12 +188,24 @@ class Peer:
                 " use another directory"
             )
         self.swarm.load_state_dict(state["swarm"])
-        self.model.load_state_dict(state["model"])
+        self._restore_model(state)
         self._restored_inner_state = state["inner_optimizer"]
         self._pending_tokens = int(state.get("pending_tokens", 0))
         self._run_facts = RunFacts.from_checkpoint(state)
         logger.info(f"resumed from {path} at outer step {self.swarm.global_step}")
-        return int(state.get("data_position", 0))
+        return data_position(state)
+
+    def _restore_model(self, state: dict) -> None:
+        """The model of a checkpoint: its own parameters, or θ where the checkpoint says the model held θ (then it
+        stores only the model's buffers)."""
+        model_is_theta = bool(state.get("model_is_theta", False))
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected or (missing and not model_is_theta):
+            raise ValueError(f"the checkpoint's model does not fit --model: missing {missing}, unexpected {unexpected}")
+        if model_is_theta:
+            self._load_global_into_model()
+        else:
+            self._model_step = None
 
     async def run(self) -> None:
         """Train until stopped or until the configured number of outer steps is done."""
@@ -164,10 +213,12 @@ class Peer:
         bar = tqdm(total=total, unit="step", disable=self._progress_disabled(), dynamic_ncols=True)
         with logging_redirect_tqdm():  # log lines print above the bar instead of through it
             try:
+                if self.loop_lag is not None:
+                    self.loop_lag.take()  # the first step's figure covers the step, not the start
                 await self._train(bar)
             finally:
                 bar.close()
-                self._save_checkpoint()
+                await self._final_checkpoint()
 
     async def _train(self, bar: tqdm) -> None:
         """Inner loop, outer step, records: the phases in order. Overlapped (SwarmConfig.overlap), the round of an
@@ -180,6 +231,8 @@ class Peer:
             bar.set_description(f"outer step {self.swarm.global_step + 1}")
             step_started = time.perf_counter()
             result = await self._combine(await asyncio.to_thread(self._inner_loop, bar))
+            if self.checkpointer is not None:
+                await self.checkpointer.wait_async()  # it reads the model and θ, which the outer step changes
             if result.interrupted:
                 if self.config.swarm.overlap:
                     # The work since the last round is dropped: the model goes back to the run's θ below.
@@ -199,14 +252,13 @@ class Peer:
             wait = time.perf_counter() - waited
             for report in reports:
                 await self._close_step(*waiting.pop(0), report, wait)
-            self.swarm.start_inner_loop(self._local_params())
-            self._model_step = None
+            await self._start_inner_loop()
         if waiting:
             report = await self.swarm.finish()  # the round in flight finishes with its group before we leave
             if report is not None:
-                self._after_round(report, sum(r.tokens for r, _ in waiting))
+                await self._after_round(report, sum(r.tokens for r, _ in waiting))
                 await self._close_step(*waiting.pop(0), report, 0.0)
-            self._load_global_into_model()
+            await self._load_theta()
             self._pending_tokens = 0
 
     async def _close_step(self, result: InnerResult, step_started: float, report: OuterStepReport, wait: float):
@@ -215,10 +267,44 @@ class Peer:
         facts["eval_loss"] = await self._evaluate(report)
         facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
         facts["wait_seconds"] = round(wait, 4)
+        facts.update(self._throughput_facts(result))
         record = self._record(result, report, facts)
+        self._save_checkpoint()
         if self.monitor is not None:
             await self.monitor.observe(record, self._run_facts.tokens)
         self.completed_steps += 1
+
+    async def _start_inner_loop(self) -> None:
+        """Overlapped: the model moves to where the next inner loop starts (swarm.sequence); blocking, it stays."""
+        if not self.config.swarm.overlap:
+            return
+        await self._before_model_change()
+        await self.swarm.start_inner_loop(self._local_params())
+        self._model_step = None
+
+    def _throughput_facts(self, result: InnerResult) -> dict:
+        """Tokens per second of the inner loop alone, and on a GPU of known peak its model FLOP utilisation."""
+        rate = result.tokens / max(result.seconds, 1e-9)
+        facts = {"inner_tokens_per_second": round(rate, 2)}
+        if self.loop_lag is not None:
+            facts["event_loop_stall_seconds"] = round(self.loop_lag.take(), 3)  # the longest of this outer step
+        if self.checkpointer is not None and self.checkpointer.last_write is not None:
+            # The newest write that finished (the previous outer step's, written during this step's inner loop).
+            facts["checkpoint_step"], seconds = self.checkpointer.last_write
+            facts["checkpoint_seconds"] = round(seconds, 3)
+        if self._peak_flops is not None:
+            peak, name = self._peak_flops
+            # Every worker of a sharded peer has its own GPU: the peer's peak is theirs together.
+            facts["mfu"] = round(devices.mfu(self._params_total(), rate, peak * self._workers()), 4)
+            facts["device_name"] = name
+        return facts
+
+    def _params_total(self) -> int:
+        """Parameters of the whole model (a sharded peer's workers each hold some of them)."""
+        return self._params
+
+    def _workers(self) -> int:
+        return 1
 
     async def _stop_now(self) -> bool:
         """Whether to stop before the next outer step (a sharded peer's workers decide together)."""
@@ -233,18 +319,27 @@ class Peer:
 
     def _inner_loop(self, bar: tqdm) -> InnerResult:
         started = time.perf_counter()
-        seen = {"tokens": 0}
 
-        def on_step(loss: float, tokens: int) -> None:
+        seen = {"tokens": 0, "shown": 0.0}
+
+        def on_step(loss: torch.Tensor, tokens: int) -> None:
             seen["tokens"] += tokens
-            rate = seen["tokens"] / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            now = time.perf_counter()
+            if bar.disable or now - seen["shown"] < 1.0:
+                return  # reading the loss waits for the device: once a second, and only for a bar that shows
+            seen["shown"] = now
+            rate = seen["tokens"] / max(now - started, 1e-9)
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}", refresh=False)
 
         # The round this loop feeds: overlapped, the previous one may still be in flight, θ one step behind.
         first_step = self.swarm.next_round * self.config.inner_steps
+        self._model_step, self._unsaved = None, True
+        wait = self.checkpointer.wait if self.checkpointer is not None else None
         flags = (self._stop_flag(), on_step, first_step, self._called_flag(), self.swarm.carries_work)
-        return self.inner.run(self.config.inner_steps, *flags, before_step=self._before_step)
+        result = self.inner.run(self.config.inner_steps, *flags, before_step=self._before_step, before_update=wait)
+        memory.trim()  # the gradients are freed: let the outer step have their memory
+        return result
 
     def _before_step(self) -> None:
         """Overlapped: once the round in flight has landed, the model moves onto its θ (see swarm.overlap)."""
@@ -274,8 +369,14 @@ class Peer:
     async def _step_facts(self, report: OuterStepReport) -> dict:
         """What the metrics record says beyond the report: the layout-independent θ hash, the outer step's memory."""
         theta = self._theta_of(report)
-        digests = await asyncio.to_thread(lambda: [records.row_digests(p) for p in theta])
-        return {"theta_sha256": records.theta_sha256(digests), "workers": 1, "outer_step_peak_mb": self._outer_peak_mb}
+        read = self.swarm.reading_state if theta is self.swarm.params else asyncio.to_thread
+        digests = await read(lambda: [records.row_digests(p) for p in theta])
+        return {
+            "theta_sha256": records.theta_sha256(digests),
+            "workers": 1,
+            "outer_step_peak_mb": self._outer_peak_mb,
+            "peak_rss_mb": self._peak_rss_mb,
+        }
 
     async def _outer_step(self, result: InnerResult) -> list[OuterStepReport]:
         """Hand the inner loop's work to the swarm; the reports of the rounds that finished (see _train)."""
@@ -284,23 +385,40 @@ class Peer:
         if result.steps > 0 and not math.isfinite(result.loss):
             # Make sure a poisoned step never reaches anyone: NaN loss means NaN parameters or moments.
             logger.error(f"inner loss was not finite at outer step {self.swarm.global_step}")
+        # The peak since the last reset: the inner loop, and the checkpoint written while it ran.
+        inner_peak = memory.peak_rss_bytes()
         before = memory.rss_bytes()
-        measured = memory.reset_peak()
-        reports = await self.swarm.submit(local, tokens)
+        measured = await asyncio.to_thread(memory.reset_peak)  # clearing the page flags of GBs takes a moment
+        delta = None
+        if self._flat_params is not None and not self.config.swarm.overlap:
+            # Blocking, Δ in the model's own memory. Overlapped, the swarm keeps a vector of its own for the work in
+            # flight, which it computes from the model.
+            delta = self._flat_params
+            await asyncio.to_thread(self._delta_in_place)
+        try:
+            reports = await self.swarm.submit(local, tokens, delta)
+        except BaseException:
+            if delta is not None:
+                self._local_from_delta()  # never leave Δ where the model's parameters belong
+            raise
+        if delta is not None and not any(r.restart_from_global for r in reports):
+            await asyncio.to_thread(self._local_from_delta)
         peak = memory.peak_rss_bytes()
         # Memory the outer step added on top of what the process held before it (θ, model, optimizer states).
         self._outer_peak_mb = round((peak - before) / 2**20, 2) if measured and peak and before else None
+        peaks = [b for b in (inner_peak, peak) if b]
+        self._peak_rss_mb = round(max(peaks) / 2**20, 1) if peaks else None
         # Overlapped, the swarm keeps the work from now on; blocking, until a report says it took it.
         self._pending_tokens = 0 if self.config.swarm.overlap else tokens
         for report in reports:
-            self._after_round(report, tokens)
+            await self._after_round(report, tokens)
         return reports
 
-    def _after_round(self, report: OuterStepReport, tokens: int) -> None:
+    async def _after_round(self, report: OuterStepReport, tokens: int) -> None:
         """The model takes θ for evaluation and checkpoints (overlapped, `start_inner_loop` then moves it to where
         the next inner loop starts); blocking, a failed round leaves the work in the model, its tokens pending."""
         if report.restart_from_global:
-            self._load_global_into_model()
+            await self._load_theta()
             self._pending_tokens = 0
         else:
             self._pending_tokens = tokens
@@ -316,6 +434,35 @@ class Peer:
             return None
         loss = await asyncio.to_thread(self.evaluator.loss)
         return loss if math.isfinite(loss) else None
+
+    @torch.no_grad()
+    def _delta_in_place(self) -> None:
+        """Overwrite the model's parameters with Δ = θ - local (the same float operation the outer step would do)."""
+        self._model_step = None
+        for p, theta in zip(self.model.parameters(), self.swarm.params, strict=True):
+            torch.sub(theta, p, out=p)
+
+    @torch.no_grad()
+    def _local_from_delta(self) -> None:
+        """The local parameters back from Δ after a step that keeps them (θ unchanged): θ - Δ. Equal to what they were
+        up to the last bit of θ's magnitude where θ - local was rounded; the next Δ carries this step's work."""
+        for p, theta in zip(self.model.parameters(), self.swarm.params, strict=True):
+            torch.sub(theta, p, out=p)
+
+    @property
+    def _model_is_theta(self) -> bool:
+        """Whether the model holds θ exactly (built from the same seed, or θ copied into it)."""
+        return self._model_step is not None
+
+    async def _load_theta(self) -> None:
+        """θ into the model, in a thread; a round landing in the background (overlapped) waits until it is copied."""
+        await self._before_model_change()
+        await self.swarm.reading_state(self._load_global_into_model)
+
+    async def _before_model_change(self) -> None:
+        """A checkpoint still writing out the model's own parameters (they were not θ) finishes first."""
+        if self.checkpointer is not None and self._checkpoint_holds_model:
+            await self.checkpointer.wait_async()
 
     @torch.no_grad()
     def _load_global_into_model(self) -> None:
@@ -356,26 +503,54 @@ class Peer:
             f" comm {report.comm_seconds:.2f}s, compute {result.seconds:.2f}s, θ {report.params_sha256[:12]}"
         )
         self._run_facts.remember(record, report.members)  # for the exported model card (peers.exportable)
-        self._save_checkpoint()
         return record
 
     def _save_checkpoint(self) -> None:
+        """Start writing a checkpoint of the current state in the background, from the live tensors (no copies).
+
+        What it holds must not change until it is written: the inner loop waits for it before its first optimizer
+        step, the outer step before it changes θ (see peers.checkpoint)."""
         if self.checkpointer is None or self.swarm is None or not hasattr(self, "inner"):
             return
-        state = {
+        self._unsaved = False
+        self._checkpoint_holds_model = not self._model_is_theta
+        self.checkpointer.save_in_background(self._checkpoint_state(), self.swarm.global_step)
+
+    async def _final_checkpoint(self) -> None:
+        """On the way out: a checkpoint of what changed since the last one (e.g. an interrupted inner loop's work),
+        and the write in flight finished."""
+        if self.checkpointer is None:
+            return
+        await self.checkpointer.wait_async()
+        if self._unsaved:
+            self._save_checkpoint()
+            await self.checkpointer.wait_async()
+
+    def _checkpoint_state(self) -> dict:
+        return {
             "run_id": self.config.swarm.run_id,
+            **self._layout_state(),
             "swarm": self.swarm.state_dict(),
-            "model": self.model.state_dict(),
-            "inner_optimizer": self.inner.optimizer.state_dict(),
+            # A model that holds θ exactly is not saved twice: a third less to write, and to hold while it is read.
+            "model_is_theta": self._model_is_theta,
+            "model": self._model_state(with_params=not self._model_is_theta),
+            "inner_optimizer": self._optimizer_state(),
             "data_position": self.batches.position,
+            "data_cursor": self.batches.cursor,
             "pending_tokens": self._pending_tokens,
             "export": self._export_facts(),
         }
-        try:
-            self.checkpointer.save(state, self.swarm.global_step)
-        except CheckpointError as e:
-            # Training state in memory is intact: keep training, say so loudly, try again next step.
-            logger.error(f"{e}; training continues, the next outer step tries again")
+
+    def _layout_state(self) -> dict:
+        return {}
+
+    def _model_state(self, with_params: bool) -> dict:
+        """The model's state dict (live tensors), without its parameters when they are θ's (buffers only)."""
+        params = {p.data_ptr() for p in self.model.parameters()}
+        return {k: v for k, v in self.model.state_dict().items() if with_params or v.data_ptr() not in params}
+
+    def _optimizer_state(self) -> dict:
+        return self.inner.optimizer.state_dict()
 
     def _export_facts(self) -> dict:
         """What `swarm-export` needs besides θ: the model, which rows of it this checkpoint holds, the run's facts."""
@@ -389,6 +564,12 @@ class Peer:
         return 0, 1
 
     async def close(self) -> None:
+        if self.checkpointer is not None:
+            await asyncio.to_thread(self.checkpointer.close)
+        if getattr(self, "batches", None) is not None:
+            self.batches.close()
+        if self.loop_lag is not None:
+            await self.loop_lag.close()
         if self.monitor is not None:
             await self.monitor.close()
         if self.metrics is not None:

@@ -22,12 +22,13 @@ from dataclasses import replace
 
 import torch
 
-from peers.checkpoint import Checkpointer, CheckpointError
+from peers.checkpoint import Checkpointer
 from peers.exportable import RunFacts
 from peers.inner import InnerLoop, InnerResult
+from peers.looplag import LoopLag
 from peers.metrics import MetricsWriter
 from peers.parallelize import local_shards, localize, optimizer_state_from_local, shard_model
-from peers.runner import Peer, PeerConfig
+from peers.runner import Peer, PeerConfig, data_position
 from swarm import OuterStepReport, SwarmNode
 from swarm.local import LocalGroup
 from swarm.sharded import ShardedSwarm
@@ -82,10 +83,7 @@ class _Cached:
 class ShardedPeer(Peer):
     def __init__(self, config: PeerConfig, local: LocalGroup):
         self.local = local
-        super().__init__(config)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        if self.device is not None:
-            self.model.to(self.device)
+        super().__init__(config)  # the model is on this worker's device (peers.device) from here
         shard_model(self.model, config.precision)
         if config.checkpoint_dir:
             self.checkpointer = Checkpointer(config.checkpoint_dir, config.keep_checkpoints, (local.rank, local.size))
@@ -93,15 +91,17 @@ class ShardedPeer(Peer):
             self.config.metrics_file = None  # worker 0 writes the peer's record
 
     async def start(self) -> list[str]:
+        self.loop_lag = LoopLag.start()
         self.node = await SwarmNode.create(worker_node_config(self.config.node, self.local.rank))
         full_shapes = [tuple(p.shape) for p in self.model.parameters()]
         shards = [t.detach().cpu() for t in local_shards(self.model)]
         self.swarm = await ShardedSwarm.create(self.node, shards, self.config.swarm, self.local, full_shapes)
+        self._checkpoints_guard_state()
         data_position = await self._restore_sharded()
         if await self.swarm.join_run():
-            self._load_global_into_model()
+            await asyncio.to_thread(self._load_global_into_model)
             self._pending_tokens = 0
-        self._make_batches(data_position)
+        self._make_batches(*data_position)
         self.inner = self._make_inner_loop()
         if self._restored_inner_state is not None:
             self.inner.optimizer.load_state_dict(
@@ -114,13 +114,13 @@ class ShardedPeer(Peer):
 
     def _make_inner_loop(self) -> InnerLoop:
         # FSDP's mixed-precision policy sets the compute precision (peers.parallelize); no autocast on top.
-        return InnerLoop(self.model, self.batches, self.config.inner, device=self.device or "cpu")
+        return InnerLoop(self.model, self.batches, self.config.inner, device=self.device)
 
-    async def _restore_sharded(self) -> int:
-        """Every worker loads its shard of the newest step that all workers can load; 0 if there is none."""
+    async def _restore_sharded(self) -> tuple[int, dict | None]:
+        """Every worker loads its shard of the newest step that all workers can load; returns its data position."""
         self._restored_inner_state = None
         if self.checkpointer is None:
-            return 0
+            return 0, None
         self.checkpointer.remove_stale()
         others = self.checkpointer.other_layouts() if not self.checkpointer.steps() else []
         everyone = await self.local.all_gather((self.checkpointer.steps(), others))
@@ -140,17 +140,21 @@ class ShardedPeer(Peer):
                 )
             if all(await self.local.all_gather(ok)):
                 self.swarm.load_state_dict(state["swarm"])
-                with torch.no_grad():
-                    for shard, saved in zip(local_shards(self.model), state["model"], strict=True):
-                        shard.copy_(saved)
+                if state.get("model_is_theta", False):
+                    self._load_global_into_model()
+                else:
+                    with torch.no_grad():
+                        for shard, saved in zip(local_shards(self.model), state["model"], strict=True):
+                            shard.copy_(saved)
+                    self._model_step = None
                 self._restored_inner_state = state["inner_optimizer"]
                 self._pending_tokens = int(state.get("pending_tokens", 0))
                 self._run_facts = RunFacts.from_checkpoint(state)
                 theta = await self.swarm.theta_sha256()
                 logger.info(f"resumed from outer step {step} ({self.local.size} shards), θ {theta[:12]}")
-                return int(state.get("data_position", 0))
+                return data_position(state)
             logger.warning(f"the checkpoint of outer step {step} is not loadable on every worker; trying older ones")
-        return 0
+        return 0, None
 
     async def _stop_now(self) -> bool:
         return await asyncio.to_thread(self.local.any_blocking, self.stop_requested.is_set())
@@ -184,8 +188,13 @@ class ShardedPeer(Peer):
     async def _step_facts(self, report: OuterStepReport) -> dict:
         theta = await self.swarm.theta_sha256(self._theta_of(report))
         report.params_sha256 = theta  # the peer's record hashes the full θ, not worker 0's shard
-        peaks = await self.local.all_gather(self._outer_peak_mb)
-        return {"theta_sha256": theta, "workers": self.local.size, "outer_step_peak_mb": peaks}
+        peaks = await self.local.all_gather((self._outer_peak_mb, self._peak_rss_mb))
+        return {
+            "theta_sha256": theta,
+            "workers": self.local.size,
+            "outer_step_peak_mb": [outer for outer, _ in peaks],
+            "peak_rss_mb": [peak for _, peak in peaks],
+        }
 
     @torch.no_grad()
     def _load_global_into_model(self) -> None:
@@ -193,23 +202,21 @@ class ShardedPeer(Peer):
             shard.copy_(theta)
         self._model_step = self.swarm.global_step
 
+    def _params_total(self) -> int:
+        return sum(math.prod(shape) for shape in self._model_facts["full_shapes"])
+
+    def _workers(self) -> int:
+        return self.local.size
+
     def _shard(self) -> tuple[int, int]:
         return self.local.rank, self.local.size
 
-    def _save_checkpoint(self) -> None:
-        if self.checkpointer is None or self.swarm is None or not hasattr(self, "inner"):
-            return
-        state = {
-            "run_id": self.config.swarm.run_id,
-            "layout": [self.local.rank, self.local.size],
-            "swarm": self.swarm.state_dict(),
-            "model": [t.detach().clone() for t in local_shards(self.model)],
-            "inner_optimizer": localize(self.inner.optimizer.state_dict()),
-            "data_position": self.batches.position,
-            "pending_tokens": self._pending_tokens,
-            "export": self._export_facts(),
-        }
-        try:
-            self.checkpointer.save(state, self.swarm.global_step)
-        except CheckpointError as e:
-            logger.error(f"{e}; training continues, the next outer step tries again")
+    def _layout_state(self) -> dict:
+        return {"layout": [self.local.rank, self.local.size]}
+
+    def _model_state(self, with_params: bool) -> list[torch.Tensor] | None:
+        """This worker's rows of every parameter (live views), or None when they are θ's."""
+        return [t.detach() for t in local_shards(self.model)] if with_params else None
+
+    def _optimizer_state(self) -> dict:
+        return localize(self.inner.optimizer.state_dict())

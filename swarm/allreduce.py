@@ -45,7 +45,7 @@ from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
 from swarm.flat import all_finite
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
-from swarm.robust import bound_weights, gram, robust_weights
+from swarm.robust import bound_weights, reduce_pass, robust_weights
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ class _Round:
     """The same parts, decoded (views into `output`)."""
     output: torch.Tensor | None = None
     """The averaged vector, filled part by part as averaged parts are decoded into it."""
+    figures: dict[int, audit.Figures | None] = field(default_factory=dict)
+    """How each averaged part we received relates to our contribution to it (swarm.audit), taken as it was decoded;
+    robust mode only."""
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """This member's own attempt is over: it holds every averaged part it will ever get from the reducers."""
     reducer: asyncio.Task | None = None
@@ -144,6 +147,7 @@ class _Round:
         self.contributions.clear()
         self.payloads.clear()
         self.values.clear()
+        self.output = None
 
     def fail(self, reason: str) -> None:
         if not self.result.done():
@@ -176,7 +180,6 @@ class Averager:
         self.caught: dict[PeerID, str] = {}
         """Members whose contribution to a part we reduced was garbage (a lied weight, undecodable or non-finite
         values, values far outside the others'), with the reason; robust mode only."""
-        self._scratch: torch.Tensor | None = None  # decoded contributions of our part, kept between rounds
         self._protocol = f"swarm/{run_id}/reduce/1"
         self._rounds: dict[bytes, _Round] = {}
         self._direct = DirectServer(self._handle_direct) if direct else None
@@ -299,7 +302,7 @@ class Averager:
             )
             rnd.add(group.my_index, float(weight), own)
             rnd.reducer = asyncio.create_task(self._reduce(rnd))
-            tasks[asyncio.create_task(self._own_result(rnd))] = group.my_index
+            tasks[asyncio.create_task(self._own_result(rnd, flat[lo:hi]))] = group.my_index
             lost, errors = await self._settle(rnd, tasks, deadline)
             # Every averaged part a reducer sent us is judged against our own contribution to it (swarm.audit): one
             # that cannot be an average fails the round for us, and its reducer is caught, so the retry leaves it out.
@@ -342,6 +345,8 @@ class Averager:
             rnd.settled.set()
             self._forget_later(group.group_id, rnd)
         averaged = rnd.output  # every part was decoded into its place: no concatenation
+        # The caller owns the average from here; the round keeps only the encoded parts, for members that missed one.
+        rnd.output, rnd.values = None, {}
         total = sum(rnd.weights.values())
         return AllReduceResult(
             averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started, recovered
@@ -446,20 +451,21 @@ class Averager:
         """(a judge of this round's averaged parts, the parts we hold that cannot be averages, with the reason).
 
         Our own averaged part is the reference (swarm.audit); without it, or without robust averaging, nothing is
-        judged and the judge is None. Three dot products per part, in a worker thread for large vectors."""
+        judged and the judge is None. Three dot products per part, most of them taken as the parts were decoded."""
         me = rnd.group.my_index
         if not self.robust or me not in rnd.values:
             return None, {}
         lo, hi = rnd.bounds[me]
-        reference = audit.figures(rnd.values[me], flat[lo:hi])
+        reference = rnd.figures.get(me) or audit.figures(rnd.values[me], flat[lo:hi])
         share = audit.our_share(weight, [w for w in rnd.weights.values() if w > 0], rnd.group.size)
 
-        def judge(i: int, values: torch.Tensor) -> str | None:
-            a, b = rnd.bounds[i]
-            found = audit.figures(values, flat[a:b])
+        def judge(i: int, values: torch.Tensor, found: audit.Figures | None = None) -> str | None:
+            if found is None:
+                a, b = rnd.bounds[i]
+                found = audit.figures(values, flat[a:b])
             return None if found is None else audit.judge(found, reference, share)
 
-        verdicts = {i: judge(i, values) for i, values in list(rnd.values.items()) if i != me}
+        verdicts = {i: judge(i, values, rnd.figures.get(i)) for i, values in list(rnd.values.items()) if i != me}
         return judge, {i: reason for i, reason in verdicts.items() if reason is not None}
 
     @staticmethod
@@ -472,12 +478,21 @@ class Averager:
             residual.zero_()  # nothing of it was lost
         return part
 
-    async def _own_result(self, rnd: _Round) -> None:
+    async def _own_result(self, rnd: _Round, own: torch.Tensor) -> None:
         # Shielded: cancelling this task must not cancel the result that the handlers still serve to the others.
         payload = await asyncio.shield(rnd.result)
-        lo, hi = rnd.bounds[rnd.group.my_index]
-        values = await _maybe_in_thread(self.codec.decode_into, payload, rnd.output[lo:hi])
+        values = await self._decode_part(rnd, rnd.group.my_index, payload, own)
         rnd.payloads[rnd.group.my_index], rnd.values[rnd.group.my_index] = payload, values
+
+    async def _decode_part(self, rnd: _Round, index: int, payload, own: torch.Tensor) -> torch.Tensor:
+        """Decode averaged part `index` into its place in the output; robust, also take its audit figures against
+        `own`, our contribution to it (swarm.audit), while decoding. CodecError if it does not decode."""
+        lo, hi = rnd.bounds[index]
+        if not self.robust:
+            return await _maybe_in_thread(self.codec.decode_into, payload, rnd.output[lo:hi])
+        decode = audit.decode_with_figures
+        values, rnd.figures[index] = await _maybe_in_thread(decode, self.codec, payload, rnd.output[lo:hi], own)
+        return values
 
     async def _exchange(
         self, group: Group, index: int, rnd: _Round, part: torch.Tensor, weight: float, residual: torch.Tensor | None
@@ -514,8 +529,7 @@ class Averager:
                 # The member is alive but its reduction failed (e.g. it lost someone else): not a suspect.
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
             try:
-                lo, hi = rnd.bounds[index]
-                values = await _maybe_in_thread(self.codec.decode_into, averaged, rnd.output[lo:hi])
+                values = await self._decode_part(rnd, index, averaged, part)
             except CodecError as e:
                 raise self._garbage(index, peer, f"an averaged part we cannot decode ({e})") from e
             if not self.codec.decodes_finite and not all_finite(values):
@@ -578,75 +592,68 @@ class Averager:
 
         A contribution is a decoded tensor, or a payload the codec checked and adds straight from its bytes.
         `weights` replaces the declared weights (the robust ones); a weight of 0 leaves its contribution out."""
+        order, alphas = self._alphas(contributions, weights)
+        # Left out: weight 0 (refused contributions hold no values, dropped ones add nothing).
+        alphas, values = zip(*[(alpha, contributions[i][1]) for i, alpha in zip(order, alphas) if alpha != 0])
+        if reduce_pass(self.codec, values, acc.numel(), alphas, acc, with_gram=False)[1]:
+            return acc  # one native pass over every contribution
+        acc.zero_()
+        for alpha, x in zip(alphas, values):
+            if isinstance(x, torch.Tensor):
+                acc.add_(x, alpha=alpha)
+            else:
+                self.codec.accumulate(x, acc, alpha)
+        return acc
+
+    @staticmethod
+    def _alphas(contributions: dict, weights: dict | None = None) -> tuple[list[int], list[float]]:
+        """(members in order, the factor w_i / Σ w of each contribution): the declared weights, or `weights`."""
         order = sorted(contributions)
         if weights is None:
             weights = {i: contributions[i][0] for i in order}
         total = sum(weights[i] for i in order)
         if not total > 0:
             raise ValueError("no contribution left to average")
-        acc.zero_()
-        for i in order:
-            weight, values = weights[i], contributions[i][1]
-            if weight == 0:
-                continue
-            if isinstance(values, torch.Tensor):
-                acc.add_(values, alpha=weight / total)
-            else:
-                self.codec.accumulate(values, acc, weight / total)
-        return acc
+        return order, [weights[i] / total for i in order]
 
     async def _robust_mean(self, rnd: _Round, acc: torch.Tensor) -> torch.Tensor:
         """The robust mean of our part (see swarm.robust), written into `acc`; names the members caught.
 
-        The plain sum and the judging read only the contributions: they run side by side, and when the judging finds
-        nobody out of line (and no weight to bound) the plain sum is the answer, bit for bit what the plain reduction
-        returns. Otherwise the sum is taken again with the weights the judging gave."""
+        The plain sum is taken with the judging (in the same native pass over the contributions for int8, else side
+        by side), and when the judging finds nobody out of line (and no weight to bound) it is the answer, bit for
+        bit what the plain reduction returns. Otherwise the sum is taken again with the weights the judging gave."""
         contributions = rnd.contributions
-        # Taken, not lent: a reduction abandoned while its thread still runs keeps its buffer to itself.
-        scratch, self._scratch = self._scratch, None
-        plain = asyncio.ensure_future(_maybe_in_thread(self._weighted_mean, contributions, acc))
-        try:
-            weights, caught, self._scratch = await _maybe_in_thread(self._judge, contributions, acc, scratch)
-        except BaseException:
-            plain.add_done_callback(lambda done: done.cancelled() or done.exception())  # the judging's error counts
-            raise
+        weights, caught, summed = await _maybe_in_thread(self._judge, contributions, acc)
         for i, reason in caught.items():
             if i != rnd.group.my_index:  # our own exact part is never garbage; we may be the minority
                 self._catch(rnd.group.peer_ids[i], reason)
-        await plain  # done before any second sum into `acc`; our own weight is positive, so it cannot fail
         if all(weights[i] == contributions[i][0] for i in contributions):
-            return plain.result()
+            return acc if summed else await _maybe_in_thread(self._weighted_mean, contributions, acc)
         return await _maybe_in_thread(self._weighted_mean, contributions, acc, weights)
 
-    def _judge(
-        self, contributions: dict, like: torch.Tensor, scratch: torch.Tensor | None
-    ) -> tuple[dict[int, float], dict[int, str], torch.Tensor | None]:
-        """(the weight to sum each contribution with, the contributions caught as garbage with the reason, and the
-        buffer the decoded contributions went to, for the next round).
+    def _judge(self, contributions: dict, acc: torch.Tensor) -> tuple[dict[int, float], dict[int, str], bool]:
+        """(the weight to sum each contribution with, the contributions caught as garbage with the reason, whether the
+        plain mean is in `acc` already).
 
-        Bounding the weights needs no values. Judging the values needs them decoded, once, into a buffer kept
-        between rounds (n x our part: one model-size float32 vector; fresh pages would cost more than the judging),
-        and only where there are three or more to judge. `like` (our part of the output) only gives the size."""
-        order = sorted(contributions)
+        Bounding the weights needs no values. Judging the values needs their Gram matrix, one pass over them as they
+        are held (see swarm.robust.reduce_pass, which takes the plain sum in the same pass where it can), and only
+        where there are three or more to judge."""
+        order, alphas = self._alphas(contributions)
         bounded, lied = bound_weights([contributions[i][0] for i in order])
         caught = {order[j]: reason for j, reason in lied.items()}
-        live = [i for i, w in zip(order, bounded) if w > 0]
+        live = [j for j, w in enumerate(bounded) if w > 0]
         weights = dict(zip(order, bounded))
-        if len(live) >= 3:
-            numel = like.numel()
-            if scratch is None or scratch.numel() < len(live) * numel:
-                scratch = torch.empty(len(live) * numel, dtype=torch.float32)
-            rows = scratch[: len(live) * numel].view(len(live), numel)
-            for row, i in zip(rows, live):
-                values = contributions[i][1]
-                if isinstance(values, torch.Tensor):
-                    row.copy_(values)
-                else:
-                    self.codec.decode_into(values, row)
-            verdict = robust_weights(gram(rows), [weights[i] for i in live])
-            weights.update(zip(live, verdict.weights))
-            caught.update({live[j]: reason for j, reason in verdict.caught.items()})
-        return weights, caught, scratch
+        if len(live) < 3:
+            return weights, caught, False
+        # The pass takes the plain sum too, so it reads every contribution that has values (refused ones have none).
+        held = [j for j, i in enumerate(order) if contributions[i][0] > 0]
+        values = [contributions[order[j]][1] for j in held]
+        g, summed = reduce_pass(self.codec, values, acc.numel(), [alphas[j] for j in held], acc)
+        rows = [held.index(j) for j in live]
+        verdict = robust_weights(g[rows][:, rows], [bounded[j] for j in live])
+        weights.update((order[j], w) for j, w in zip(live, verdict.weights))
+        caught.update({order[live[j]]: reason for j, reason in verdict.caught.items()})
+        return weights, caught, summed
 
     def _catch(self, peer: PeerID, reason: str) -> None:
         """Record a member caught sending garbage; the log names it."""

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from swarm.flat import all_finite
 from swarm.native import sqblock
+
+READ_ALIGNMENT = 256
+"""Where `Codec.reader` may start a slice: a whole number of every codec's blocks (and of int4's byte pairs)."""
 
 
 class CodecError(ValueError):
@@ -68,6 +72,13 @@ class Codec(abc.ABC):
     def encoded_size(self, numel: int) -> int:
         """Bytes that `encode` produces for `numel` elements."""
 
+    def reader(self, payload: bytes | memoryview, numel: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """A function that decodes values [start, start + len(out)) of the payload into `out` (1-d contiguous
+        float32), `start` a multiple of READ_ALIGNMENT: a payload read a slice at a time, so that judging many
+        contributions never holds them all decoded. The payload is checked once, here (CodecError)."""
+        values = self.decode(payload, numel)  # codecs with blocks override this: no decoded copy
+        return lambda start, out: out.copy_(values[start : start + out.numel()])
+
 
 def _as_flat_fp32(flat: torch.Tensor) -> torch.Tensor:
     if flat.dim() != 1:
@@ -99,6 +110,17 @@ class NoCompression(Codec):
     def encoded_size(self, numel: int) -> int:
         return 4 * numel
 
+    def reader(self, payload, numel: int):
+        if len(payload) != 4 * numel:
+            raise CodecError(f"fp32 payload has {len(payload)} bytes, expected {4 * numel}")
+        values = np.frombuffer(payload, dtype="<f4")
+
+        def read(start: int, out: torch.Tensor) -> torch.Tensor:
+            out.numpy()[:] = values[start : start + out.numel()]
+            return out
+
+        return read
+
 
 class Float16Compression(Codec):
     """IEEE half precision. Values beyond the fp16 range are saturated, not sent as inf."""
@@ -117,6 +139,17 @@ class Float16Compression(Codec):
 
     def encoded_size(self, numel: int) -> int:
         return 2 * numel
+
+    def reader(self, payload, numel: int):
+        if len(payload) != 2 * numel:
+            raise CodecError(f"fp16 payload has {len(payload)} bytes, expected {2 * numel}")
+        values = np.frombuffer(payload, dtype="<f2")
+
+        def read(start: int, out: torch.Tensor) -> torch.Tensor:
+            out.numpy()[:] = values[start : start + out.numel()]
+            return out
+
+        return read
 
 
 class Blockwise8BitCompression(Codec):
@@ -238,8 +271,21 @@ class Blockwise8BitCompression(Codec):
         return bs, absmax, codes
 
     def decode_into(self, payload, out: torch.Tensor, native: bool = True) -> torch.Tensor:
-        numel = out.numel()
+        bs, absmax, codes = self._parts(payload, out.numel())
+        return self._decode_parts(bs, absmax, codes, out, native)
+
+    def reader(self, payload, numel: int):
         bs, absmax, codes = self._parts(payload, numel)
+
+        def read(start: int, out: torch.Tensor) -> torch.Tensor:
+            stop = start + out.numel()
+            return self._decode_parts(bs, absmax[start // bs : -(-stop // bs)], codes[start:stop], out)
+
+        return read
+
+    def _decode_parts(self, bs: int, absmax, codes, out: torch.Tensor, native: bool = True) -> torch.Tensor:
+        """Decode checked parts (whole blocks, but for a last partial one) into `out`."""
+        numel = out.numel()
         lib = sqblock() if native else None
         if lib is not None:  # computes each level (bit for bit the table's) rather than looking it up: vectorizes
             lib.sqblock_decode(codes.ctypes.data, absmax.ctypes.data, numel, bs, out.data_ptr())
@@ -383,8 +429,21 @@ class Blockwise4BitCompression(Codec):
         return None
 
     def decode_into(self, payload, out: torch.Tensor) -> torch.Tensor:
-        numel = out.numel()
+        bs, scale, packed = self._parts(payload, out.numel())
+        return self._decode_parts(bs, scale, packed, out)
+
+    def reader(self, payload, numel: int):
         bs, scale, packed = self._parts(payload, numel)
+
+        def read(start: int, out: torch.Tensor) -> torch.Tensor:
+            stop = start + out.numel()  # start is even: its byte pairs begin at start / 2
+            return self._decode_parts(bs, scale[start // bs : -(-stop // bs)], packed[start // 2 : -(-stop // 2)], out)
+
+        return read
+
+    def _decode_parts(self, bs: int, scale, packed, out: torch.Tensor) -> torch.Tensor:
+        """Decode checked parts (whole blocks but for a last partial one, from an even value) into `out`."""
+        numel = out.numel()
         values = out.numpy()
         pairs = numel // 2
         np.take(self._PAIRS, packed[:pairs], out=values[: 2 * pairs].view(np.uint64))

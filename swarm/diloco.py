@@ -28,7 +28,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +44,7 @@ from swarm.node import SwarmNode
 from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, OuterOptimizer
 from swarm.report import OuterStepReport
 from swarm.sequence import OuterSequence
-from swarm.state import RunState, StateServer, download_state, majority_hash, snapshot_of
+from swarm.state import RunState, StateServer, StateView, download_state, majority_hash
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class SwarmConfig:
     shard: tuple[int, int] | None = None
     """(index, count): this Swarm holds shard `index` of a peer whose model is sharded over `count` workers
     (see swarm.sharded); None for a peer that holds its whole model."""
+    keep_buffers_max_bytes: int = 256 << 20
+    """Buffers of the model's size are kept between outer steps up to this size (their pages are then faulted in
+    once): the all-reduce's output, the copy a state server keeps of a state that changes under a transfer in
+    flight. Larger ones live only while they are used: on a large model, 4 bytes per parameter held between steps
+    cost more than the page faults."""
 
     @property
     def outer_description(self) -> str:
@@ -144,10 +149,18 @@ class Swarm:
         numel = sum(p.numel() for p in self.params)
         self.residual = torch.zeros(numel) if config.error_feedback else None
         self._state_version = 0  # bumped whenever θ or the momentum change
-        self._snapshot_cache: tuple[tuple[int, int], RunState] | None = None
+        self._changing = False  # θ or the momentum are being written in another thread
+        self.state_lock = asyncio.Lock()
+        """Held while θ or the momentum change (`_changing_state`), and by readers that must see them whole while a
+        round may land in the background (`reading_state`)."""
+        self.before_state_change: Callable[[], Awaitable[None]] | None = None
+        """Awaited before θ or the momentum change: the peer's checkpoint, written from the live tensors in the
+        background, finishes first (peers.checkpoint)."""
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
         self._average: torch.Tensor | None = None  # see average_buffer
-        self.state_server = StateServer(node, self.namespace, self.schema, self._snapshot)
+        self.state_server = StateServer(
+            node, self.namespace, self.schema, self._snapshot, keep_copy_max_bytes=config.keep_buffers_max_bytes
+        )
         self.round_called = threading.Event()
         """Set when a leader of the round this peer feeds next waits for it (it pinged us): the inner loop should end
         after its current step, so that nobody waits for us longer than one of our inner steps (see
@@ -193,23 +206,30 @@ class Swarm:
 
     # ---- the outer step (swarm.sequence) --------------------------------------------------------------------------
 
-    async def outer_step(self, local: Sequence[torch.Tensor], tokens: int) -> OuterStepReport | None:
+    async def outer_step(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> OuterStepReport | None:
         """One DiLoCo outer step from the peer's post-inner-loop parameters; `tokens` weighs its contribution.
+
+        `delta`, if given, is Δ = θ - local computed by the caller as one flat float32 vector (a CPU peer computes it
+        over its own parameters' memory, and saves the 4 bytes per parameter of a separate Δ); it is only read.
 
         Blocking, the report of this step's round. Overlapped (SwarmConfig.overlap), the newest report of a round
         finished by this call (None on the first call): the round of the previous call, usually; then
         `start_inner_loop` says where the next inner loop starts. `submit` gives every report."""
-        reports = await self.sequence.submit(local, tokens)
+        reports = await self.sequence.submit(local, tokens, delta)
         return reports[-1] if reports else None
 
-    async def submit(self, local: Sequence[torch.Tensor], tokens: int) -> list[OuterStepReport]:
+    async def submit(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> list[OuterStepReport]:
         """Hand over the inner loop's result; the reports of the rounds this call finished (swarm.sequence)."""
-        return await self.sequence.submit(local, tokens)
+        return await self.sequence.submit(local, tokens, delta)
 
-    def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
+    async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
         """Write where the next inner loop starts into `local` (θ, or overlapped, θ plus our share of the round in
         flight)."""
-        self.sequence.start_inner_loop(local)
+        await self.sequence.start_inner_loop(local)
 
     def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
         """Between two inner steps, once the round in flight has landed (`shift_ready`): move `local` onto θ, keeping
@@ -244,12 +264,31 @@ class Swarm:
 
     # ---- the run's state ------------------------------------------------------------------------------------------
 
-    def _snapshot(self) -> RunState:
-        # One flat copy per state, however many chunk requests newcomers send while it lasts.
-        key = (self.global_step, self._state_version)
-        if self._snapshot_cache is None or self._snapshot_cache[0] != key:
-            self._snapshot_cache = (key, snapshot_of(self.global_step, self.params, self.outer.momentum()))
-        return self._snapshot_cache[1]
+    def _snapshot(self) -> StateView:
+        """The state as newcomers see it: read in place, never copied (see swarm.state.StateView)."""
+        return StateView(self.global_step, self._state_version, self.params, self.outer.momentum(), self._changing)
+
+    async def _changing_state(self, change, *args) -> None:
+        """Run `change(*args)`, which writes θ or the momentum in place, in a thread: the outer step of a large model
+        takes seconds of CPU, and the event loop serves the swarm meanwhile. The state server sees the state as
+        changing until it is done."""
+        async with self.state_lock:
+            if self.before_state_change is not None:
+                await self.before_state_change()
+            self.state_server.before_change()
+            self._changing = True
+            self._state_version += 1
+            try:
+                await asyncio.to_thread(change, *args)
+            finally:
+                self._state_version += 1
+                self._changing = False
+
+    async def reading_state(self, read, *args):
+        """`read(*args)` in a thread, with θ and the momentum unchanged meanwhile (an overlapped round lands in the
+        background); its result."""
+        async with self.state_lock:
+            return await asyncio.to_thread(read, *args)
 
     async def newer_state(self, timeout_seconds: float = 60.0) -> tuple[bool, RunState | None]:
         """(whether live peers are ahead of us, the newest state they agree on or None): one try, nothing adopted."""
@@ -272,7 +311,7 @@ class Swarm:
         members = set(self._last_group[1])
         found = await self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True)
         published = {peer: digest for peer, digest in records.parse_hashes(found).items() if peer in members}
-        mine = self.params_sha256()
+        mine = await asyncio.to_thread(self.params_sha256)
         published[self.node.peer_id] = mine
         votes = collections.Counter(published.values())
         majority, count = votes.most_common(1)[0]
@@ -292,7 +331,7 @@ class Swarm:
             f"θ at outer step {step} differed from its group's majority ({count} of {len(published)} members):"
             f" resynced to outer step {taken.outer_step} from a peer that holds it"
         )
-        self._adopt(taken)
+        await self._adopt(taken)
         return True
 
     async def round_under_way(self, wait_for_round: bool = False) -> bool:
@@ -357,10 +396,9 @@ class Swarm:
             logger.warning(f"could not take the run's state from {len(donors)} donors: {e!r}")
             return None
 
-    def _adopt(self, state: RunState) -> None:
+    async def _adopt(self, state: RunState) -> None:
         momentum = None if state.momentum is None else unflatten(state.momentum, self.params)
-        self.outer.load(unflatten(state.params, self.params), momentum)
-        self._state_version += 1
+        await self._changing_state(self.outer.load, unflatten(state.params, self.params), momentum)
         self.global_step = state.outer_step
         self.matchmaker.set_outer_step(self.global_step)
         if self.residual is not None:
@@ -384,10 +422,24 @@ class Swarm:
         """Where all-reduces write the average: the same vector every step, so its pages are faulted in once.
 
         It costs one float32 copy of this peer's θ in memory between steps, and spares the all-reduce touching
-        4 bytes of fresh memory per parameter each step (a third of its time on a 2-core machine)."""
+        4 bytes of fresh memory per parameter each step (a third of its time on a 2-core machine); above
+        `keep_buffers_max_bytes` it is made afresh each step instead (see there)."""
         if self._average is None or self._average.numel() != numel:
             self._average = torch.empty(numel, dtype=torch.float32)
         return self._average
+
+    async def _apply_off_loop(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
+        """`_apply` in a thread; a large average buffer is let go afterwards (see keep_buffers_max_bytes)."""
+        await self._changing_state(self._apply, flat_delta, alone)
+        self.let_go_of_average(flat_delta)
+
+    def let_go_of_average(self, applied: torch.Tensor) -> None:
+        """After an outer step that read `applied`: if it was the average buffer and that is larger than
+        `keep_buffers_max_bytes`, let it go (the next round makes a new one)."""
+        average = self._average
+        if average is not None and applied.data_ptr() == average.data_ptr():
+            if average.numel() * 4 > self.config.keep_buffers_max_bytes:
+                self._average = None
 
     def _apply(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
         """The outer step with a group's average, or (alone) with this peer's own Δ: see OuterOptimizer.step_alone."""
@@ -397,7 +449,7 @@ class Swarm:
             self.outer.step(unflatten(flat_delta, self.params))
         self._state_version += 1
 
-    def _advance(
+    async def _advance(
         self,
         status,
         group_size,
@@ -413,7 +465,7 @@ class Swarm:
         if next_step:
             self.global_step += 1
             self.matchmaker.set_outer_step(self.global_step)
-        digest = self.params_sha256()
+        digest = await asyncio.to_thread(self.params_sha256)  # a second or more for a large θ: off the loop
         return OuterStepReport(
             outer_step=self.global_step,
             status=status,
@@ -453,9 +505,11 @@ class Swarm:
         )
 
     def state_dict(self) -> dict:
-        state = {"params": [p.clone() for p in self.params], "outer": self.outer.state_dict(), "step": self.global_step}
+        """θ, the momentum and the residual as the live tensors, not copies: write them out (peers.checkpoint) before
+        the next outer step changes them."""
+        state = {"params": list(self.params), "outer": self.outer.state_dict(), "step": self.global_step}
         if self.residual is not None:
-            state["residual"] = self.residual.clone()
+            state["residual"] = self.residual
         return state
 
     def load_state_dict(self, state: dict) -> None:

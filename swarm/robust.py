@@ -26,12 +26,16 @@ Nothing here knows the network: pure functions of tensors and floats, tested on 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from swarm.codec import Blockwise8BitCompression, Codec
+from swarm.native import sqblock
 
 WEIGHT_CAP = 2.0
 """A contribution counts at most this many times the median declared weight of its part. 2 lets an honest peer that
@@ -53,7 +57,8 @@ changed), r is 0, and an exact own contribution among identical decoded ones wou
 codec's error (int4: 12% of the norm)."""
 ITERATIONS = 100
 """CenteredClip iterations at most; on n coefficients they cost nothing next to one pass over the values."""
-_CHUNK = 1 << 16  # values per column block of the Gram matrix: n blocks of it stay in cache
+_NATIVE_SPAN = 4096  # GRAM_SPAN of swarm/native/sqblock.c: values of each contribution its scratch holds
+_CHUNK = 1 << 16  # values per column block of the Gram matrix (n blocks of it stay in cache); READ_ALIGNMENT divides it
 
 
 @dataclass
@@ -98,34 +103,91 @@ def bound_weights(
     return bounded, caught
 
 
-def gram(rows: Sequence[torch.Tensor] | torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
-    """G_jk = rows[j] . rows[k] in float64, from one pass over the rows (1-d float32 tensors of one size).
+def gram(rows, numel: int | None = None, chunk: int = _CHUNK) -> torch.Tensor:
+    """G_jk = rows[j] . rows[k] in float64, from one pass over the rows: 1-d float32 tensors of one size, or functions
+    `read(start, out)` that write values [start, start + len(out)) into `out` (see Codec.reader; then `numel`).
 
-    Column blocks are multiplied in float32 while they are in cache and summed in float64: 4e-8 of the largest entry
-    measured on 4 x 6.25M Gaussian values, 14 ms on one core. Values too large for float32 products (beyond ~1e17)
-    overflow a block; the Gram matrix is then computed again in float64, so that such a contribution is judged by
-    its distance like any other rather than poisoning the others' entries."""
-    matrix = rows if isinstance(rows, torch.Tensor) else None
+    Column blocks are copied to float64 while they are in cache and multiplied there: float32 products summed over a
+    block of 65,536 values were off by up to 5e-5 of the largest entry, which distances between near-equal
+    contributions magnify. float64 costs little here, and the square of any finite float32 is finite in it, so a
+    contribution of huge values is judged by its distance like any other rather than poisoning the others' entries."""
     n = len(rows)
-    numel = rows[0].numel() if n else 0
+    if numel is None:
+        numel = rows[0].numel() if n else 0
     total = torch.zeros(n, n, dtype=torch.float64)
-    block = None if matrix is not None else torch.empty(n, min(chunk, max(numel, 1)))
+    staging = torch.empty(min(chunk, max(numel, 1)))
+    block = torch.empty(n, staging.numel(), dtype=torch.float64)
     for a in range(0, numel, chunk):
         b = min(a + chunk, numel)
-        if matrix is not None:
-            part = matrix[:, a:b]
-        else:
-            part = block[:, : b - a]
-            for j, row in enumerate(rows):
+        part = block[:, : b - a]
+        for j, row in enumerate(rows):
+            if isinstance(row, torch.Tensor):
                 part[j].copy_(row[a:b])
+            else:
+                part[j].copy_(row(a, staging[: b - a]))
         total += part @ part.T
-    if not bool(torch.isfinite(total).all()):
-        total.zero_()
-        for a in range(0, numel, chunk):
-            b = min(a + chunk, numel)
-            part = torch.stack([row[a:b].double() for row in rows])
-            total += part @ part.T
     return total
+
+
+def reduce_pass(
+    codec: Codec,
+    values: Sequence[torch.Tensor | bytes | memoryview],
+    numel: int,
+    alphas: Sequence[float] | None = None,
+    acc: torch.Tensor | None = None,
+    with_gram: bool = True,
+) -> tuple[torch.Tensor | None, bool]:
+    """A reducer's pass over the contributions to its part, as it holds them (decoded tensors, or payloads of
+    `codec` that it checked): (their `gram` if `with_gram`, whether Σ alphas_j x_j was written into `acc`).
+
+    int8 payloads go to one native pass that decodes each slice once for both (swarm/native: the sum takes the same
+    float32 operations as the codec's `accumulate`, with or without the Gram matrix). Other codecs, or where there is
+    no native code, give the Gram matrix from a slice-at-a-time pass and leave the sum to the caller. Never are the
+    contributions all decoded at once (that took an extra model-size vector)."""
+    n = len(values)
+    native = isinstance(codec, Blockwise8BitCompression) and _NATIVE_SPAN % codec.block_size == 0
+    lib = sqblock() if native and n else None
+    total = None
+    if lib is not None:
+        # Keep every pointer's owner alive until the kernel returns.
+        parts = [None if isinstance(x, torch.Tensor) else codec._parts(x, numel) for x in values]
+        dense = [x.contiguous() if isinstance(x, torch.Tensor) else None for x in values]
+        pointers = ctypes.c_void_p * n
+        codes = pointers(*[0 if p is None else p[2].ctypes.data for p in parts])
+        scales = pointers(*[0 if p is None else p[1].ctypes.data for p in parts])
+        floats = pointers(*[0 if d is None else d.data_ptr() for d in dense])
+        weights = (ctypes.c_float * n)(*(alphas if alphas is not None else [0.0] * n))
+        scratch = torch.empty(n * _NATIVE_SPAN) if with_gram else None
+        total = torch.zeros(n, n, dtype=torch.float64) if with_gram else None
+        lib.sqblock_reduce(
+            n, codes, scales, floats, weights, numel, codec.block_size,
+            None if acc is None else acc.data_ptr(),
+            None if scratch is None else scratch.data_ptr(),
+            None if total is None else total.data_ptr(),
+        )  # fmt: skip
+        if total is not None:
+            if bool(torch.isfinite(total).all()):
+                total += total.tril(-1).T  # the kernel fills the lower triangle
+            else:
+                # Values beyond ~1e19 overflow the kernel's float32 products (finite garbage at float32's largest
+                # scales): the float64 path below judges such a contribution by its distance like any other.
+                total = None
+    if with_gram and total is None:
+        readers = [_slicer(x) if isinstance(x, torch.Tensor) else codec.reader(x, numel) for x in values]
+        total = gram(readers, numel)
+    return total, lib is not None and acc is not None
+
+
+def contribution_gram(codec: Codec, values: Sequence[torch.Tensor | bytes | memoryview], numel: int) -> torch.Tensor:
+    """`gram` of contributions as a reducer holds them (see reduce_pass)."""
+    return reduce_pass(codec, values, numel)[0]
+
+
+def _slicer(values: torch.Tensor):
+    def read(start: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(values[start : start + out.numel()])
+
+    return read
 
 
 def _distances(g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,7 @@ class OuterSequence:
             steps = {s for _, s in seen}
             if len(steps) == 1 and None not in steps:
                 logger.info(f"caught up with the run: outer step {swarm.global_step} -> {state.outer_step}")
-                swarm._adopt(state)
+                await swarm._adopt(state)
                 self._next_round(swarm.global_step)
                 return True
             if self.workers.size > 1:
@@ -170,8 +170,12 @@ class OuterSequence:
 
     # ---- the outer step -------------------------------------------------------------------------------------------
 
-    async def submit(self, local: Sequence[torch.Tensor], tokens: int) -> list[OuterStepReport]:
-        """Hand over this worker's part of the inner loop's result; `tokens` is the whole peer's count.
+    async def submit(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> list[OuterStepReport]:
+        """Hand over this worker's part of the inner loop's result; `tokens` is the whole peer's count. `delta`, if
+        given, is θ - local that the caller computed as one flat float32 vector (Swarm.outer_step); it is only read,
+        and a copy is kept where the sequence needs it past this call (overlapped, or carried work).
 
         Returns the reports of the rounds finished by this call, oldest first, one per earlier call: blocking, this
         call's; overlapped, the previous call's round (none on the first call), then this call's own if it ran no
@@ -189,9 +193,10 @@ class OuterSequence:
         swarm.round_called.clear()
         step = swarm.global_step
         started = time.perf_counter()
-        delta, tokens = self._contribution(local, tokens)
+        # A model-size pass or two: in a thread, while the event loop serves the swarm.
+        delta, owned, tokens = await asyncio.to_thread(self._contribution, local, tokens, delta)
 
-        bad = 0 if all_finite(delta) else int((~torch.isfinite(delta)).sum())  # the count only on a bad step
+        bad = await asyncio.to_thread(lambda: 0 if all_finite(delta) else int((~torch.isfinite(delta)).sum()))
         bad_per_worker = await self.workers.all_gather(bad)
         if any(bad_per_worker):
             where = ", ".join(f"worker {i}: {n}" for i, n in enumerate(bad_per_worker) if n)
@@ -201,7 +206,7 @@ class OuterSequence:
             await self._rejoin(wait_for_round=True)
             self._next_round(swarm.global_step)
             status, next_step = StepStatus.NONFINITE, swarm.global_step == step
-            return [*reports, self._report(status, 0, started, error=error, next_step=next_step)]
+            return [*reports, await self._report(status, 0, started, error=error, next_step=next_step)]
 
         # The run may have moved on without us (we were too slow for its rounds, or away): then our Δ is against a θ
         # it left. Up to MAX_STALE_ROUNDS behind, it is still our work on nearly the run's θ: we take the run's θ
@@ -216,17 +221,19 @@ class OuterSequence:
                     f" work at most {MAX_STALE_ROUNDS} rounds old)"
                 )
             await self._rejoin()
-            return [*reports, self._report(StepStatus.RESYNCED, 0, started, next_step=False)]
+            return [*reports, await self._report(StepStatus.RESYNCED, 0, started, next_step=False)]
         missed = await swarm.missed_round(swarm.global_step) if self.workers.rank == 0 else None
         if await self.workers.broadcast(missed):
             logger.info(f"outer step {swarm.global_step + 1}: formed without this peer; taking its result")
             await self._rejoin(wait_for_round=True)
             if swarm.global_step - step <= MAX_STALE_ROUNDS:
-                self._work = _Work(delta, "carried", tokens, None)
-            return [*reports, self._report(StepStatus.RESYNCED, 0, started, next_step=False)]
+                self._work = _Work(delta if owned else await asyncio.to_thread(delta.clone), "carried", tokens, None)
+            return [*reports, await self._report(StepStatus.RESYNCED, 0, started, next_step=False)]
         step = swarm.global_step
 
         alone = await self._expect_alone() if self.overlap else None
+        if self.overlap and not owned:  # overlapped, the guess is written over it while the caller's memory moves on
+            delta = await asyncio.to_thread(delta.clone)
         self._work = _Work(delta, "flight", tokens, alone)
         self.shift_ready.clear()
         self._next_round(step + 1)
@@ -249,16 +256,31 @@ class OuterSequence:
         task, self._round = self._round, None
         return await task
 
-    def _contribution(self, local: Sequence[torch.Tensor], tokens: int) -> tuple[torch.Tensor, int]:
-        """The pseudo-gradient of the inner loop that ended at `local`, plus any carried work, and its tokens."""
+    def _contribution(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, bool, int]:
+        """The pseudo-gradient of the inner loop that ended at `local`, plus any carried work; whether the sequence
+        owns that vector (False: it is the caller's `delta`, θ - local, only to be read); and its tokens."""
         work, self._work = self._work, None
         params = self.swarm.params
         if work is None:  # the inner loop started from θ
-            return difference(params, local), tokens
+            return (difference(params, local), True, tokens) if delta is None else (delta, False, tokens)
         segments = unflatten(work.vector, params)
+        given = None if delta is None else unflatten(delta, params)
         for i, (seg, x) in enumerate(zip(segments, local, strict=True)):
-            x = x.detach().to(device="cpu", dtype=torch.float32).reshape(seg.shape)
             theta = params[i].reshape(seg.shape)
+            if given is not None:  # the caller's θ − where the loop ended
+                ended = given[i].reshape(seg.shape)
+                if work.state == "landed" and work.shifted:
+                    seg.copy_(ended)
+                elif work.state == "landed":
+                    seg.neg_().add_(ended)
+                elif work.alone is None:
+                    seg.add_(ended)
+                else:
+                    seg.add_(self._start_of(work, i, seg)).sub_(theta).add_(ended)
+                continue
+            x = x.detach().to(device="cpu", dtype=torch.float32).reshape(seg.shape)
             if work.state == "landed":  # θ − (where the loop ended, shifted onto θ if it was not yet)
                 if work.shifted:
                     seg.copy_(theta).sub_(x)
@@ -266,7 +288,7 @@ class OuterSequence:
                     seg.neg_().add_(theta).sub_(x)
             else:  # carried: where the loop started, plus the carried pseudo-gradient, minus where it ended
                 seg.add_(self._start_of(work, i, seg)).sub_(x)
-        return work.vector, tokens + work.tokens_carried
+        return work.vector, True, tokens + work.tokens_carried
 
     def _start_of(self, work: _Work, index: int, segment: torch.Tensor) -> torch.Tensor:
         """Where the inner loop started, for parameter `index`, while `work` holds a pseudo-gradient."""
@@ -277,23 +299,29 @@ class OuterSequence:
         to_start_point(self.swarm.outer, index, start, work.alone)
         return start
 
-    def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
+    async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
         """Overlapped: write where the next inner loop starts into `local`: our guess of θ after the round in flight
-        (swarm.overlap), or θ itself when no round is in flight or it has landed already. Synchronous, in the event
-        loop: the round in flight cannot change θ halfway through. Blocking, the caller restarts from θ when the
-        report says so (`restart_from_global`)."""
+        (swarm.overlap), or θ itself when no round is in flight or it has landed already. In a thread, holding the
+        swarm's state lock: the round in flight lands either before (we start from its θ) or after (we start from
+        the guess, and shift later), never halfway through. Blocking, the caller restarts from θ when the report
+        says so (`restart_from_global`)."""
         if not self.overlap:
             return
-        work, params = self._work, self.swarm.params
-        with torch.no_grad():
-            if work is None or work.state == "landed" or work.alone is None:
-                if work is not None and work.state == "landed":
-                    work.shifted = True  # we start on θ: nothing to shift
-                for x, p in zip(local, params, strict=True):
-                    x.copy_(p.reshape(x.shape))
-                return
-            for i, (x, seg) in enumerate(zip(local, unflatten(work.vector, params), strict=True)):
-                x.copy_(self._start_of(work, i, seg).reshape(x.shape))
+        async with self.swarm.state_lock:
+            work = self._work
+            if work is not None and work.state == "landed":
+                work.shifted = True  # we start on θ: nothing to shift
+            await asyncio.to_thread(self._write_start, local, work)
+
+    @torch.no_grad()
+    def _write_start(self, local: Sequence[torch.Tensor], work: _Work | None) -> None:
+        params = self.swarm.params
+        if work is None or work.state == "landed" or work.alone is None:
+            for x, p in zip(local, params, strict=True):
+                x.copy_(p.reshape(x.shape))
+            return
+        for i, (x, seg) in enumerate(zip(local, unflatten(work.vector, params), strict=True)):
+            x.copy_(self._start_of(work, i, seg).reshape(x.shape))
 
     def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
         """Between two inner steps, once the round in flight has landed (`shift_ready`): move the inner loop onto
@@ -345,8 +373,8 @@ class OuterSequence:
                 timeout = budget or swarm.config.matchmaking.timeout_seconds
                 why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
                 logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-                self._land(delta, delta, alone=True)
-                return self._report(StepStatus.ALONE, 1, started, attempts=attempt)
+                await self._land(delta, delta, alone=True)
+                return await self._report(StepStatus.ALONE, 1, started, attempts=attempt)
             attempt += 1
             outcome, result, shard_group = await self._average_shard(group, contribution, float(tokens), residual)
             outcomes = await workers.all_gather(outcome)
@@ -363,7 +391,9 @@ class OuterSequence:
                 error = f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); θ unchanged"
                 logger.warning(f"{error}, work carried into the next step")
                 self._failed()
-                return self._report(StepStatus.ALLREDUCE_FAILED, group.size, started, error=error, attempts=attempt)
+                return await self._report(
+                    StepStatus.ALLREDUCE_FAILED, group.size, started, error=error, attempts=attempt
+                )
             excluded |= suspects
             known = set(group.peer_ids) - excluded
             lost = ", ".join(str(p) for p in suspects) or "none identified"
@@ -371,12 +401,14 @@ class OuterSequence:
                 f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); lost or caught members:"
                 f" {lost}; forming a new group without them"
             )
-        self._land(delta, result.averaged, alone=False)
+        # Before landing: from θ's change to the step's advance (_report) nothing waits, so whoever reads θ under the
+        # state lock (Swarm.reading_state) sees θ and the outer step that go together.
+        traffic = await workers.all_gather((result.bytes_sent, result.bytes_received))
+        await self._land(delta, result.averaged, alone=False)
         swarm._last_group = (step + 1, shard_group.peer_ids)
         if residual is not None:
             swarm.residual = residual
-        traffic = await workers.all_gather((result.bytes_sent, result.bytes_received))
-        return self._report(
+        return await self._report(
             StepStatus.AVERAGED,
             group.size,
             started,
@@ -387,34 +419,41 @@ class OuterSequence:
             members=[p.to_base58() for p in group.peer_ids],  # the peers (their worker 0), not our shard's nodes
         )
 
-    def _report(self, *args, **kwargs) -> OuterStepReport:
-        report = self.swarm._advance(*args, **kwargs)
+    async def _report(self, *args, **kwargs) -> OuterStepReport:
+        report = await self.swarm._advance(*args, **kwargs)
         report.overlapped = self.overlap
         report.carried_tokens = 0 if self._work is None else self._work.tokens_carried
         self.swarm.publish_later(report)
         return report
 
-    def _land(self, delta: torch.Tensor, average: torch.Tensor, alone: bool) -> None:
+    async def _land(self, delta: torch.Tensor, average: torch.Tensor, alone: bool) -> None:
         """Apply the round's outcome to θ (the group's `average`, or `alone` our own Δ). Overlapped, our inner loop
         started from a guess of that θ: keep, in place of our pseudo-gradient, the shift from the guess (computed
-        from the θ and momentum it was made with) to the new θ, and let the inner loop take it."""
+        from the θ and momentum it was made with) to the new θ, and let the inner loop take it. The model-size work
+        runs in a thread, as one change of the state (Swarm._changing_state)."""
         swarm, work = self.swarm, self._work
         ours = work is not None and work.vector is delta and work.alone is not None
-        if ours and average is work.vector:
-            average = average.clone()  # alone, our Δ is what θ takes: keep it from the guess written over it
+        if not ours and work is not None and work.vector is delta:
+            self._work = None  # blocking: the next inner loop starts from the new θ
+        await swarm._changing_state(self._land_in_place, work if ours else None, average, alone)
+        swarm.let_go_of_average(average)
+        self._alone = alone
         if ours:
+            work.state = "landed"
+            self.shift_ready.set()
+
+    def _land_in_place(self, work: _Work | None, average: torch.Tensor, alone: bool) -> None:
+        swarm = self.swarm
+        if work is not None and average is work.vector:
+            average = average.clone()  # alone, our Δ is what θ takes: keep it from the guess written over it
+        if work is not None:
             for i, seg in enumerate(unflatten(work.vector, swarm.params)):
                 to_start_point(swarm.outer, i, seg, work.alone)
                 seg.neg_()
-        elif work is not None and work.vector is delta:
-            self._work = None  # blocking: the next inner loop starts from the new θ
         swarm._apply(average, alone=alone)
-        self._alone = alone
-        if ours:
+        if work is not None:
             for seg, p in zip(unflatten(work.vector, swarm.params), swarm.params, strict=True):
                 seg.add_(p.reshape(seg.shape))
-            work.state = "landed"
-            self.shift_ready.set()
 
     def _failed(self) -> None:
         """Nothing applied: θ stays, and our pseudo-gradient goes into the next contribution. Blocking, it is in the

@@ -24,6 +24,7 @@ same step.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from collections.abc import Sequence
@@ -102,17 +103,21 @@ class ShardedSwarm:
         """On start: take over the run's state if it is ahead, and line up with its next round. True if taken."""
         return await self.sequence.join_run(timeout_seconds)
 
-    async def outer_step(self, local: Sequence[torch.Tensor], tokens: int) -> OuterStepReport | None:
+    async def outer_step(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> OuterStepReport | None:
         """One DiLoCo outer step from this worker's shard after the inner loop; `tokens` is the whole peer's count.
-        Returns what Swarm.outer_step returns."""
-        reports = await self.sequence.submit(local, tokens)
+        `delta`: this shard's Δ = θ - local when the caller computed it. Returns what Swarm.outer_step returns."""
+        reports = await self.sequence.submit(local, tokens, delta)
         return reports[-1] if reports else None
 
-    async def submit(self, local: Sequence[torch.Tensor], tokens: int) -> list[OuterStepReport]:
-        return await self.sequence.submit(local, tokens)
+    async def submit(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> list[OuterStepReport]:
+        return await self.sequence.submit(local, tokens, delta)
 
-    def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
-        self.sequence.start_inner_loop(local)
+    async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
+        await self.sequence.start_inner_loop(local)
 
     async def finish(self) -> OuterStepReport | None:
         return await self.sequence.finish()
@@ -145,8 +150,14 @@ class ShardedSwarm:
     async def theta_sha256(self, shard: Sequence[torch.Tensor] | None = None) -> str:
         """The layout-independent hash of the peer's full θ (records.theta_sha256), on every worker; `shard` is this
         worker's copy of its θ shard to hash instead of its live one."""
-        rows = await self.local.all_gather([records.row_digests(p) for p in (shard or self.swarm.params)])
+        params = self.swarm.params
+        read = asyncio.to_thread if shard else self.swarm.reading_state  # θ: whole, not while a round lands
+        rows = await self.local.all_gather(await read(lambda: [records.row_digests(p) for p in (shard or params)]))
         return records.theta_sha256([b"".join(worker[i] for worker in rows) for i in range(len(self.swarm.params))])
+
+    async def reading_state(self, read, *args):
+        """See Swarm.reading_state: this worker's θ shard and momentum stay unchanged while `read` runs."""
+        return await self.swarm.reading_state(read, *args)
 
     def state_dict(self) -> dict:
         return self.swarm.state_dict()

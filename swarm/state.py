@@ -16,11 +16,12 @@ Protocol (one stream per request, frames from `swarm.wire`):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from swarm import records
-from swarm.flat import flatten
+from swarm.flat import all_finite, flatten
 from swarm.node import SwarmNode
 from swarm.wire import ProtocolError, close_writer, read_frame, require, write_frame
 
@@ -46,49 +47,141 @@ class RunState:
     """Outer Nesterov momentum, flat float32; None before the run's first outer step."""
 
     def sha256(self) -> str:
-        return hashlib.sha256(_bytes(self.params)).hexdigest()
+        return hashlib.sha256(self.params.numpy().astype("<f4", copy=False)).hexdigest()  # the buffer, no copy
+
+    @property
+    def numel(self) -> int:
+        return self.params.numel()
+
+    @property
+    def key(self) -> tuple:
+        return (self.outer_step, id(self))
+
+    def payload(self, lo: int, hi: int) -> bytes:
+        """θ[lo:hi], then the momentum's [lo:hi] if there is one, as little-endian fp32."""
+        payload = _bytes(self.params[lo:hi])
+        if self.momentum is not None:
+            payload += _bytes(self.momentum[lo:hi])
+        return payload
+
+
+class StateView:
+    """The state a peer holds right now, read in place: θ and the momentum as the swarm's own tensors, no copy.
+
+    A flat copy of θ and the momentum per state served cost a donor 8 bytes per parameter: for a model of hundreds of
+    millions of parameters, gigabytes more at the moment a newcomer arrives. Reading in place needs the holder to say
+    when the tensors change (`version`, and `changing` while an outer step writes them in another thread): chunks of
+    a state that changed are refused, and the receiver takes them from another donor or starts over."""
+
+    def __init__(
+        self,
+        outer_step: int,
+        version: int,
+        params: Sequence[torch.Tensor],
+        momentum: Sequence[torch.Tensor] | None,
+        changing: bool = False,
+    ):
+        self.outer_step, self.version, self.changing = outer_step, version, changing
+        self.params, self.momentum = list(params), None if momentum is None else list(momentum)
+        self._ends = []
+        total = 0
+        for p in self.params:
+            total += p.numel()
+            self._ends.append(total)
+
+    @property
+    def numel(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    @property
+    def key(self) -> tuple:
+        return (self.outer_step, self.version)
+
+    def _read(self, tensors: Sequence[torch.Tensor], lo: int, hi: int) -> bytes:
+        out, i = [], bisect.bisect_right(self._ends, lo)
+        while lo < hi:
+            start = self._ends[i] - tensors[i].numel()
+            stop = min(hi, self._ends[i])
+            out.append(_bytes(tensors[i].detach().reshape(-1)[lo - start : stop - start]))
+            lo, i = stop, i + 1
+        return b"".join(out)
+
+    def payload(self, lo: int, hi: int) -> bytes:
+        payload = self._read(self.params, lo, hi)
+        if self.momentum is not None:
+            payload += self._read(self.momentum, lo, hi)
+        return payload
+
+    def sha256(self) -> str:
+        return records.params_sha256(self.params)
+
+    def copy(self) -> RunState:
+        """A flat copy that no longer changes with the peer's state."""
+        return snapshot_of(self.outer_step, self.params, self.momentum)
 
 
 def _bytes(flat: torch.Tensor) -> bytes:
     return flat.numpy().astype("<f4", copy=False).tobytes()
 
 
-def _chunk_payload(state: RunState, index: int, chunk: int) -> bytes:
-    lo, hi = index * chunk, min((index + 1) * chunk, state.params.numel())
-    payload = _bytes(state.params[lo:hi])
-    if state.momentum is not None:
-        payload += _bytes(state.momentum[lo:hi])
-    return payload
+def _chunk_payload(state: RunState | StateView, index: int, chunk: int) -> bytes:
+    lo, hi = index * chunk, min((index + 1) * chunk, state.numel)
+    return state.payload(lo, hi)
 
 
 class StateServer:
-    """Serves this peer's current state to peers of the same run that ask for it."""
+    """Serves this peer's current state to peers of the same run that ask for it, from its live tensors."""
 
     KEEP_SECONDS = 30.0
-    """How long a state that was served stays available after the peer moved on (for transfers in flight)."""
+    """How long a state that changed under a transfer in flight stays available (when a copy of it is small)."""
 
-    def __init__(self, node: SwarmNode, run_id: str, schema: str, snapshot: Callable[[], RunState]):
+    def __init__(
+        self,
+        node: SwarmNode,
+        run_id: str,
+        schema: str,
+        snapshot: Callable[[], StateView],
+        keep_copy_max_bytes: int = 256 << 20,
+    ):
+        """`snapshot()` returns the peer's state as it is now. `keep_copy_max_bytes` bounds the copy made of a
+        state about to change while a transfer of it may be in flight (see `before_change`)."""
         self.node, self.schema, self._snapshot = node, schema, snapshot
+        self.keep_copy_max_bytes = keep_copy_max_bytes
         self.protocol = f"swarm/{run_id}/state/2"
-        self._manifests: dict[tuple[int, int, int], dict] = {}
-        # Step -> (state, last time served). A transfer that takes longer than an outer step still completes:
-        # the state it started on stays here (at most one besides the current one) while it is being fetched.
-        self._served: dict[int, tuple[RunState, float]] = {}
+        self._manifests: dict[tuple, dict] = {}
+        # Step -> (a copy of a state that changed while a transfer of it may have been in flight, last time served):
+        # that transfer still completes. At most one, and only when small (keep_copy_max_bytes).
+        self._kept: dict[int, tuple[RunState, float]] = {}
+        self._last_served: tuple[tuple, float] | None = None  # key of the live state last served, and when
 
-    def _state_for(self, step: int | None) -> RunState | None:
-        """The current state (step None or equal), or a recently served one of that step."""
+    def before_change(self) -> None:
+        """The peer is about to change its θ or momentum in place. If that state was served within KEEP_SECONDS (a
+        transfer may be in flight) and a copy costs at most `keep_copy_max_bytes`, keep a copy to finish it from;
+        otherwise that transfer's next chunk request is refused and the receiver starts over from the new state."""
+        now = time.monotonic()
+        self._kept = {s: kept for s, kept in self._kept.items() if now - kept[1] < self.KEEP_SECONDS}
+        current = self._snapshot()
+        if (
+            self._last_served is None
+            or self._last_served[0] != current.key
+            or now - self._last_served[1] > (self.KEEP_SECONDS)
+        ):
+            return
+        if current.numel * (8 if current.momentum is not None else 4) > self.keep_copy_max_bytes:
+            logger.debug(f"state of step {current.outer_step} changes under a transfer; too large to keep a copy")
+            return
+        self._kept = {current.outer_step: (current.copy(), now)}
+
+    def _state_for(self, step: int | None) -> RunState | StateView | None:
+        """The current state (step None or equal), or a kept copy of a state of that step; None while changing."""
         now = time.monotonic()
         current = self._snapshot()
-        self._served = {s: (state, used) for s, (state, used) in self._served.items() if now - used < self.KEEP_SECONDS}
-        if step is None or step == current.outer_step:
-            self._served = {s: v for s, v in self._served.items() if s != current.outer_step}
-            older = sorted(self._served)[-1:]  # at most one older state kept
-            self._served = {s: self._served[s] for s in older}
-            self._served[current.outer_step] = (current, now)
+        if (step is None or step == current.outer_step) and not current.changing:
+            self._last_served = (current.key, now)
             return current
-        if step in self._served:
-            state, _ = self._served[step]
-            self._served[step] = (state, now)
+        if step in self._kept:
+            state, _ = self._kept[step]
+            self._kept[step] = (state, now)
             return state
         return None
 
@@ -101,18 +194,14 @@ class StateServer:
         except Exception as e:  # the daemon may already be gone
             logger.debug(f"removing the state handler failed: {e!r}")
 
-    def _manifest(self, state: RunState, chunk: int) -> dict:
-        key = (state.outer_step, id(state), chunk)
+    async def _manifest(self, state: RunState | StateView, chunk: int) -> dict | None:
+        """The manifest of `state`, hashed in a thread (seconds for a large model); None if it changed meanwhile."""
+        key = (state.key, chunk)
         if key not in self._manifests:
-            n_chunks = -(-state.params.numel() // chunk)
-            self._manifests = {key: {
-                "type": "manifest",
-                "step": state.outer_step,
-                "params_sha256": state.sha256(),
-                "numel": state.params.numel(),
-                "has_momentum": state.momentum is not None,
-                "chunk_sha256": [hashlib.sha256(_chunk_payload(state, i, chunk)).hexdigest() for i in range(n_chunks)],
-            }}  # fmt: skip
+            manifest = await asyncio.to_thread(_manifest_of, state, chunk)
+            if self._snapshot().key != state.key or self._snapshot().changing:
+                return None
+            self._manifests = {key: manifest}
         return self._manifests[key]
 
     async def _handle(self, stream_info, reader, writer) -> None:
@@ -122,9 +211,15 @@ class StateServer:
             if request.get("schema") != self.schema or chunk <= 0:
                 await write_frame(writer, {"type": "error", "reason": "incompatible schema or bad request"})
                 return
-            # The snapshot is consistent: the outer step changes θ only between awaits, never during this copy.
+            # A chunk is read on the event loop, so no outer step starts during the read; one under way in a thread
+            # marks the state as changing, and its chunks are refused until it is done.
             if request.get("type") == "manifest":
-                await write_frame(writer, self._manifest(self._state_for(None), chunk))
+                state = self._state_for(None)
+                manifest = None if state is None else await self._manifest(state, chunk)
+                if manifest is None:
+                    await write_frame(writer, {"type": "error", "reason": "this peer's state is changing"})
+                    return
+                await write_frame(writer, manifest)
             elif request.get("type") == "chunk":
                 index = require(request, "index", int)
                 step = request.get("step")
@@ -133,7 +228,7 @@ class StateServer:
                     current = self._snapshot().outer_step
                     await write_frame(writer, {"type": "error", "reason": f"this peer is at step {current}"})
                     return
-                if not 0 <= index * chunk < max(state.params.numel(), 1):
+                if not 0 <= index * chunk < max(state.numel, 1):
                     await write_frame(writer, {"type": "error", "reason": f"chunk {index} is out of range"})
                     return
                 header = {"type": "chunk", "step": state.outer_step, "index": index}
@@ -144,6 +239,18 @@ class StateServer:
             logger.debug(f"serving state to {stream_info.peer_id} failed: {e!r}")
         finally:
             close_writer(writer)
+
+
+def _manifest_of(state: RunState | StateView, chunk: int) -> dict:
+    n_chunks = -(-state.numel // chunk)
+    return {
+        "type": "manifest",
+        "step": state.outer_step,
+        "params_sha256": state.sha256(),
+        "numel": state.numel,
+        "has_momentum": state.momentum is not None,
+        "chunk_sha256": [hashlib.sha256(_chunk_payload(state, i, chunk)).hexdigest() for i in range(n_chunks)],
+    }
 
 
 async def _request(node, protocol, donor, message, max_payload, timeout) -> tuple[dict, bytes]:
@@ -198,7 +305,7 @@ async def download_state(
         if not await accept(step, digest):
             continue
         state = await _fetch_chunks(node, protocol, schema, holders, numel, step, has_momentum, hashes, chunk, timeout)
-        if state is not None and state.sha256() == digest:
+        if state is not None and await asyncio.to_thread(state.sha256) == digest:
             return state
         logger.warning(f"could not assemble the state of step {step} from {len(holders)} donors")
     return None
@@ -244,11 +351,16 @@ async def _fetch_chunks(node, protocol, schema, holders, numel, step, has_moment
     await asyncio.gather(*(worker(d) for d in holders))
     if len(done) < len(hashes):
         return None
-    params = torch.from_numpy(buffer[:numel].copy())
-    momentum = torch.from_numpy(buffer[numel:].copy()) if has_momentum else None
-    if not bool(torch.isfinite(params).all()) or (momentum is not None and not bool(torch.isfinite(momentum).all())):
-        raise ProtocolError("state holds NaN or inf")
-    return RunState(step, params, momentum)
+
+    def assemble() -> RunState:
+        # Views of the one buffer, no copies; checked in a thread, as gigabytes take a while.
+        params = torch.from_numpy(buffer[:numel])
+        momentum = torch.from_numpy(buffer[numel:]) if has_momentum else None
+        if not all_finite(params) or (momentum is not None and not all_finite(momentum)):
+            raise ProtocolError("state holds NaN or inf")
+        return RunState(step, params, momentum)
+
+    return await asyncio.to_thread(assemble)
 
 
 async def majority_hash(node: SwarmNode, run_id: str, outer_step: int) -> str | None:

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from swarm.codec import CODECS, Blockwise4BitCompression, Blockwise8BitCompression, CodecError, make_codec
+from swarm.codec import (
+    CODECS,
+    READ_ALIGNMENT,
+    Blockwise4BitCompression,
+    Blockwise8BitCompression,
+    CodecError,
+    make_codec,
+)
+from swarm.native import sqblock
 
 
 @pytest.mark.timeout(30)
@@ -39,6 +47,27 @@ def test_roundtrip_any_shape_and_dtype(name, make):
             "int4": Blockwise4BitCompression._MAX_ERROR * (1 + 1e-5) * largest,  # each value within its level's gap
         }[name]
         assert float((y - flat).abs().max()) <= bound
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("numel", [0, 1, 255, 257, 3 * READ_ALIGNMENT, 5 * READ_ALIGNMENT + 77])
+def test_a_reader_decodes_any_aligned_slice_to_the_same_bits(name, numel):
+    codec = make_codec(name)
+    flat = torch.randn(numel) * torch.linspace(0.1, 10, numel)  # blocks of different scales
+    payload = codec.encode(flat)
+    whole = codec.decode(payload, numel)
+    read = codec.reader(payload, numel)
+    for step in (READ_ALIGNMENT, 2 * READ_ALIGNMENT):
+        pieces = [read(a, torch.empty(min(step, numel - a))) for a in range(0, numel, step)]
+        assert torch.equal(torch.cat(pieces) if pieces else torch.empty(0), whole)
+    if name == "int8" and sqblock() is not None:  # the native kernel and numpy agree on slices too
+        bs, absmax, codes = codec._parts(payload, numel)
+        n = min(numel, READ_ALIGNMENT + 3)
+        piece = codec._decode_parts(bs, absmax[: -(-n // bs)], codes[:n], torch.empty(n), native=False)
+        assert torch.equal(piece, whole[:n])
+    with pytest.raises(CodecError):
+        codec.reader(bytes(payload)[:-1] if len(payload) else b"x", numel)
 
 
 @pytest.mark.timeout(30)

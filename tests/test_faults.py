@@ -140,7 +140,7 @@ class FaultyDonor(StateServer):
             request, _ = await read_frame(reader, max_payload=0)
             state = self._snapshot()
             header = {"type": "chunk", "step": state.outer_step, "index": request["index"]}
-            n = min(request["chunk"], state.params.numel() - request["index"] * request["chunk"])
+            n = min(request["chunk"], state.numel - request["index"] * request["chunk"])
             await write_frame(writer, header, b"\x00" * (8 * n))
             writer.close()
             return
@@ -191,7 +191,7 @@ async def test_state_transfer_completes_when_the_donor_moves_on_meanwhile():
 
             async def accept(step: int, digest: str) -> bool:
                 # The donor finishes another outer step after the newcomer chose what to fetch, before any chunk.
-                donor._apply(torch.full((numel,), 0.02))
+                await donor._apply_off_loop(torch.full((numel,), 0.02))
                 donor.global_step += 1
                 return True
 

@@ -1,12 +1,14 @@
 """Model and data loading through transformers and datasets, on files made here (no downloads)."""
 
 import json
+import time
 
 import pytest
 import torch
 
 from peers.data import DataLoadError, TokenBatcher, embedded_corpus, load_text_dataset
 from peers.model import ByteTokenizer, ModelLoadError, embedded_config, load_model
+from peers.prefetch import Prefetcher
 
 
 @pytest.mark.timeout(60)
@@ -68,6 +70,44 @@ def test_batches_resume_at_the_saved_position():
     expected = [next(first) for _ in range(5)]
     resumed = TokenBatcher(dataset, ByteTokenizer(), 2, 32, seed=5, skip_batches=3)
     assert torch.equal(next(resumed), expected[3]) and resumed.position == 4
+
+
+@pytest.mark.timeout(120)
+def test_a_far_resume_is_fast_and_gives_the_batch_the_stream_would_have():
+    """Three epochs into the embedded corpus (1.3M tokens): the uninterrupted stream takes seconds to get there; a
+    batcher made from the cursor starts there at once, reading only the example the cursor points into."""
+    dataset = load_text_dataset("embedded")
+    stream = TokenBatcher(dataset, ByteTokenizer(), 4, 128, seed=3)
+    started = time.perf_counter()
+    for _ in range(2600):
+        next(stream)
+    reach = time.perf_counter() - started
+    cursor = stream.cursor
+    expected = [next(stream) for _ in range(3)]
+    assert cursor["epoch"] >= 2 and cursor["batches"] == 2600 and cursor["offset"] > 0
+
+    started = time.perf_counter()
+    resumed = TokenBatcher(dataset, ByteTokenizer(), 4, 128, seed=3, cursor=cursor)
+    got = [next(resumed) for _ in range(3)]
+    resume = time.perf_counter() - started
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert resumed.position == 2603 and resumed.cursor == stream.cursor
+    assert resume < 1.0 and resume < reach / 5, f"resume {resume:.3f}s against {reach:.3f}s to stream there"
+
+
+@pytest.mark.timeout(60)
+def test_the_prefetcher_hands_out_the_stream_in_order_and_counts_what_was_taken():
+    dataset = load_text_dataset("embedded")
+    expected = TokenBatcher(dataset, ByteTokenizer(), 2, 32, seed=5)
+    prefetcher = Prefetcher(TokenBatcher(dataset, ByteTokenizer(), 2, 32, seed=5), torch.device("cpu"), depth=3)
+    try:
+        for i in range(20):
+            assert torch.equal(next(prefetcher), next(expected))
+            # Made ahead, but only what the training took counts: a checkpoint resumes after batch i.
+            assert prefetcher.position == i + 1 and prefetcher.cursor == expected.cursor
+    finally:
+        prefetcher.close()
+    assert not prefetcher._thread.is_alive()
 
 
 @pytest.mark.timeout(60)

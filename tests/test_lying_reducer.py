@@ -17,7 +17,15 @@ from swarm.allreduce import Averager, part_bounds
 from swarm.codec import make_codec
 from swarm.robust import aggregate
 from tests.conftest import swarm_of
-from tests.test_swarm import config, make_params, perturbed, reference_outer_step, running_swarms
+from tests.test_swarm import (
+    config,
+    flat,
+    locals_from,
+    make_params,
+    perturbed,
+    reference_outer_step,
+    running_swarms,
+)
 
 NOISE = 0.3
 # Parts of 100,000 values and more (groups of up to 7): large enough that random values cannot pass for an average.
@@ -40,22 +48,6 @@ def deltas(count: int, numel: int, seed: int, noise: float | None = NOISE) -> li
     if noise is None:
         return [0.05 * torch.randn(numel, generator=g) for _ in range(count)]
     return [0.05 * (signal + noise * torch.randn(numel, generator=g)) for _ in range(count)]
-
-
-def locals_from(theta, flat_deltas) -> list[list[torch.Tensor]]:
-    """Local parameters θ - Δ for flat pseudo-gradients Δ."""
-    out = []
-    for delta in flat_deltas:
-        parts, offset = [], 0
-        for p in theta:
-            parts.append(p - delta[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        out.append(parts)
-    return out
-
-
-def flat(params) -> torch.Tensor:
-    return torch.cat([p.reshape(-1) for p in params])
 
 
 def moved(applied: torch.Tensor, wanted: torch.Tensor) -> float:
@@ -228,6 +220,22 @@ def _verdicts(xs, weights, parts, bounds, lie_at=None, lie=None):
             found = audit.figures(values, x[a:b])
             out[j, i] = None if found is None else audit.judge(found, reference, share)
     return out
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("compression", ["int8", "int4", "none"])
+def test_figures_taken_while_decoding_are_those_of_the_decoded_part(compression):
+    codec = make_codec(compression)
+    g = torch.Generator().manual_seed(3)
+    own, average = torch.randn(100_003, generator=g), torch.randn(100_003, generator=g) + 0.5
+    payload = codec.encode(average)
+    values, found = audit.decode_with_figures(codec, payload, torch.empty(100_003), own)
+    assert torch.equal(values, codec.decode(payload, 100_003))
+    expected = audit.figures(values, own)
+    assert math.isclose(found.ratio, expected.ratio, rel_tol=1e-5) and math.isclose(
+        found.lean, expected.lean, rel_tol=1e-4
+    )
+    assert audit.decode_with_figures(codec, codec.encode(average[:100]), torch.empty(100), own[:100])[1] is None
 
 
 @pytest.mark.timeout(120)

@@ -108,7 +108,7 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
                 guesses = [ref.guess(d) for d in deltas]
                 ref.round(deltas, tokens)
                 for i, s in enumerate(swarms):
-                    s.start_inner_loop(models[i])
+                    await s.start_inner_loop(models[i])
                     assert_close(models[i], guesses[i], f"step {step}: peer {i} starts elsewhere than its guess")
             done = await asyncio.gather(*[s.finish() for s in swarms])
             assert len({r.params_sha256 for r in done}) == 1 and all(r.outer_step == 4 for r in done)
@@ -151,7 +151,7 @@ async def test_member_killed_while_the_overlapped_allreduce_is_in_flight():
                 guesses = [ref.guess(d) for d in deltas]
                 ref.round(deltas[:2] if step >= 2 else deltas, tokens[:2] if step >= 2 else tokens)
                 for i, s in enumerate(peers):
-                    s.start_inner_loop(models[i])
+                    await s.start_inner_loop(models[i])
                 if step == 2:
                     await asyncio.sleep(0.5)  # peer 2 dies now, in the round in flight
             with contextlib.suppress(Exception):
@@ -188,7 +188,7 @@ async def test_newcomer_arriving_while_an_allreduce_is_in_flight_lands_on_the_ru
                 locals_ = [perturbed(start, 10 * step + i) for i, start in enumerate(starts)]
                 await asyncio.gather(*[s.submit(loc, 100) for s, loc in zip(swarms, locals_)])
                 for i, s in enumerate(swarms):
-                    s.start_inner_loop(starts[i])
+                    await s.start_inner_loop(starts[i])
             # Round 1 is in flight (for 4 s): a newcomer joins now.
             await asyncio.sleep(0.5)
             async with running_swarms(nodes[2:], make_params(seed=5), lambda i: overlapped()) as (newcomer,):
@@ -224,7 +224,7 @@ async def train(swarm, step_seconds: float, rounds: int, steps: int = 8, seed: i
         began = time.monotonic()
         reports += await swarm.submit(local, 64 * n)
         waits.append(time.monotonic() - began)
-        swarm.start_inner_loop(start)
+        await swarm.start_inner_loop(start)
     reports.append(await swarm.finish())
     return reports, waits, taken
 
@@ -284,7 +284,7 @@ async def test_a_lone_overlapped_peer_trains_on_from_its_own_result():
                 model = perturbed(model, step)
                 ended = [t.clone() for t in model]
                 await swarm.submit(model, 100)
-                swarm.start_inner_loop(model)
+                await swarm.start_inner_loop(model)
                 assert_close(model, ended, f"step {step}: a lone peer starts from its own result")
                 report = await swarm.finish()
                 assert report.status == StepStatus.ALONE and report.overlapped

@@ -15,19 +15,28 @@ import torch
 
 from swarm import StepStatus
 from swarm.allreduce import _Round
-from swarm.codec import Blockwise8BitCompression
+from swarm.codec import Blockwise8BitCompression, make_codec
 from swarm.matchmaking import Group
 from swarm.robust import (
     CLIP_RADIUS,
     WEIGHT_CAP,
     aggregate,
     bound_weights,
+    contribution_gram,
     gram,
     robust_weights,
     weighted_sum,
 )
 from tests.conftest import swarm_of
-from tests.test_swarm import assert_params_close, config, make_params, reference_outer_step, running_swarms
+from tests.test_swarm import (
+    assert_params_close,
+    config,
+    flat,
+    locals_from,
+    make_params,
+    reference_outer_step,
+    running_swarms,
+)
 
 NOISE = 0.3
 
@@ -76,15 +85,34 @@ def test_weights_are_capped_at_the_median_and_a_lie_is_caught():
 
 @pytest.mark.timeout(60)
 def test_gram_matches_float64_and_survives_values_beyond_float32_products():
-    rows = [torch.randn(200_000) for _ in range(4)]
+    rows = [torch.randn(200_000, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     exact = torch.stack([r.double() for r in rows])
     expected = exact @ exact.T
-    scale = 1e-6 * float(expected.abs().max())  # float32 blocks: errors relative to the largest entry
+    scale = 1e-12 * float(expected.abs().max())  # float64 blocks: only the summation order differs
     assert torch.allclose(gram(rows), expected, rtol=0, atol=scale)
     assert torch.allclose(gram(torch.stack(rows)), expected, rtol=0, atol=scale)
     rows[2] = torch.full((200_000,), 1e30)  # finite, but its square is not in float32
     g = gram(rows)
     assert bool(torch.isfinite(g).all()) and math.isclose(float(g[2, 2]), 2e65, rel_tol=1e-6)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["int8", "int4", "none", "fp16"])
+def test_the_gram_of_payloads_and_tensors_as_a_reducer_holds_them_is_their_decoded_gram(name):
+    codec = make_codec(name)
+    numel = 3 * 65_536 + 301  # several column blocks and a partial int8 block
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(numel, generator=g) * (1 + i) for i in range(4)]
+    held = [xs[0], *[codec.encode(x) for x in xs[1:]]]  # our own part exact, the others as their payloads
+    decoded = torch.stack([xs[0].double(), *[codec.decode(p, numel).double() for p in held[1:]]])
+    expected = decoded @ decoded.T
+    got = contribution_gram(codec, held, numel)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+    assert torch.equal(got, got.T)
+    if name != "fp16":  # finite values whose products overflow float32 (fp16 saturates them on the wire)
+        held[2] = codec.encode(torch.full((numel,), 1e30))
+        got = contribution_gram(codec, held, numel)
+        assert bool(torch.isfinite(got).all()) and math.isclose(float(got[2, 2]), numel * 1e60, rel_tol=1e-2)
 
 
 def _attacks(signal: torch.Tensor, count: int, seed: int) -> dict[str, tuple[list[torch.Tensor], list[float]]]:
@@ -165,22 +193,6 @@ class HostileCodec(Blockwise8BitCompression):
 ATTACKS = ["scaled by 1e4", "weight inflated 1e6x", "random, 100x the norm", "nan", "garbage"]
 
 
-def _locals(theta, deltas):
-    """Local parameters θ - Δ for flat pseudo-gradients Δ."""
-    out = []
-    for delta in deltas:
-        parts, offset = [], 0
-        for p in theta:
-            parts.append(p - delta[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        out.append(parts)
-    return out
-
-
-def _flat(params) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
 async def _hostile_round(honest_count: int, hostile_count: int, attack: str, robust: bool = True):
     """One outer step of `honest_count` honest members and `hostile_count` attackers, all int8.
 
@@ -210,16 +222,16 @@ async def _hostile_round(honest_count: int, hostile_count: int, attack: str, rob
             if attack in ("nan", "garbage"):
                 for s in swarms[honest_count:]:
                     s.averager.codec = HostileCodec(attack, s)
-            locals_ = _locals(theta, honest + hostile)
+            locals_ = locals_from(theta, honest + hostile)
             reports = await asyncio.gather(
                 *[s.outer_step(loc, t) for s, loc, t in zip(swarms, locals_, tokens + hostile_tokens)]
             )
             for report in reports[:honest_count]:
                 assert report.status == StepStatus.AVERAGED and report.group_size == honest_count + hostile_count
             assert len({r.params_sha256 for r in reports[:honest_count]}) == 1, "honest members differ"
-            expected, _ = reference_outer_step(theta, _locals(theta, honest), tokens)
-            applied = _flat(swarms[0].params) - _flat(theta)
-            wanted = _flat(expected) - _flat(theta)
+            expected, _ = reference_outer_step(theta, locals_from(theta, honest), tokens)
+            applied = flat(swarms[0].params) - flat(theta)
+            wanted = flat(expected) - flat(theta)
             return applied, wanted, swarms[:honest_count], [s.node.peer_id for s in swarms[honest_count:]]
 
 
@@ -256,7 +268,7 @@ async def test_without_attackers_the_result_is_the_plain_mean(compression):
         theta = make_params()
         numel = sum(p.numel() for p in theta)
         _, deltas = honest_deltas(5, numel, seed=3)
-        locals_ = _locals(theta, [0.05 * d for d in deltas])
+        locals_ = locals_from(theta, [0.05 * d for d in deltas])
         tokens = [128, 200, 256, 300, 384]
         async with running_swarms(nodes, theta, lambda i: config(compression=compression, min_group_size=5)) as swarms:
             assert all(s.averager.robust for s in swarms)  # on by default
@@ -268,7 +280,7 @@ async def test_without_attackers_the_result_is_the_plain_mean(compression):
             if compression == "none":
                 assert_params_close(swarms[0].params, expected)
             else:  # within the codec's error of it, and nobody clipped
-                assert moved(_flat(swarms[0].params) - _flat(theta), _flat(expected) - _flat(theta)) < 0.02
+                assert moved(flat(swarms[0].params) - flat(theta), flat(expected) - flat(theta)) < 0.02
 
 
 @pytest.mark.timeout(60)

@@ -44,6 +44,22 @@ async def running_swarms(nodes, params, cfg_for):
             await s.close()
 
 
+def locals_from(theta, flat_deltas) -> list[list[torch.Tensor]]:
+    """Local parameters θ - Δ for flat pseudo-gradients Δ."""
+    out = []
+    for delta in flat_deltas:
+        parts, offset = [], 0
+        for p in theta:
+            parts.append(p - delta[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        out.append(parts)
+    return out
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
 def assert_params_close(params, expected, message: str = "differs from reference") -> None:
     for got, want in zip(params, expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6, rtol=0), message

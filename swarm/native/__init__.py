@@ -60,7 +60,7 @@ def _build(compiler: str, target: str) -> None:
 
 
 def sqblock() -> ctypes.CDLL | None:
-    """The native int8-sqblock kernels (encode, decode, accumulate), or None where they cannot be had."""
+    """The native int8-sqblock kernels (encode, decode, accumulate, reduce, decode_dots), or None if unavailable."""
     with _lock:
         if "sqblock" in _loaded:
             return _loaded["sqblock"]
@@ -93,4 +93,8 @@ def _load() -> ctypes.CDLL:
     lib.sqblock_decode.restype = None
     lib.sqblock_accumulate.argtypes = [ptr, ptr, i64, i32, ctypes.c_float, ptr]
     lib.sqblock_accumulate.restype = None
+    lib.sqblock_reduce.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr]
+    lib.sqblock_reduce.restype = None
+    lib.sqblock_decode_dots.argtypes = [ptr, ptr, i64, i32, ptr, ptr, ptr]
+    lib.sqblock_decode_dots.restype = None
     return lib
