@@ -7,11 +7,12 @@ with tbf. Compute utilization, tokens/s and loss per peer, blocking against over
 
 Needs root (network namespaces, veth pairs, tc), except with `--rate none` (every node on 127.0.0.1, uncapped).
 The topology: a hub namespace holding a bridge, and each node (the bootstrap node and every peer) in a namespace of
-its own, joined to the bridge by a veth pair; addresses in 198.18.0.0/24, the benchmarking range. Each peer's link is
-capped both ways (tbf on its own end for what it sends, on the hub's end for what it receives; mtu 1500, burst 1mb,
-limit 8mb, which give textbook transfer times here), so a peer's cap limits that peer alone. Nothing leaves the
-namespaces this script makes, and it deletes them when done. netem is not available here: the links add no latency,
-only a bandwidth cap.
+its own, joined to the bridge by a veth pair; addresses in 10.198.0.0/24, a private range (in the benchmarking range
+198.18.0.0/15 the peers never reached each other: every connection failed with "routing: not found", the addresses
+presumably filtered out as unroutable). Each peer's link is capped both ways (tbf on its own end for what it sends,
+on the hub's end for what it receives; mtu 1500, burst 1mb, limit 8mb, which give textbook transfer times here), so a
+peer's cap limits that peer alone. Nothing leaves the namespaces this script makes, and it deletes them when done.
+netem is not available here: the links add no latency, only a bandwidth cap.
 
 The uneven swarm: the last `--slow` peers run `--slow-factor` times the batch, so each of their inner steps takes
 that much longer. Per peer, over the steady outer steps (the first two and the last are left out: start-up, and
@@ -44,7 +45,7 @@ from peers.launch import read_metrics, start_bootstrap, start_peer, stop  # noqa
 
 ARMS = ("blocking-equal", "overlap-equal", "blocking-uneven", "overlap-uneven")
 PREFIX = "swan"  # namespace and interface names: swan-hub, swan-n0, ...; veths swan-v0, ...
-SUBNET = "198.18.0"
+SUBNET = "10.198.0"  # private: libp2p keeps these addresses (not 198.18.0.0/15)
 
 
 def _ip(*args: str) -> None:
