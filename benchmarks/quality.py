@@ -12,6 +12,10 @@ evaluated on the same held-out batches (the embedded corpus's held-out split) ev
   settings a lone peer uses) every H steps; the same code path as a `swarm-peer` that averages alone;
 - `diloco-ideal` (not run by default): k DiLoCo replicas in one process with the exact mean and no network, to tell
   the algorithm's gap from what the swarm adds to it (compression, grouping);
+- `diloco-overlap` (not run by default): the same, overlapped (swarm.overlap): each replica's next inner loop starts
+  from a guess of θ after the round (`--overlap-guess`), and the round lands after `--overlap-landing` of that inner
+  loop (a fraction; 1: only when it ends), when the replica's model shifts onto θ; against `diloco-ideal`, the
+  quality an overlapped swarm gives up for a round that takes that long;
 - `swarm`: k real `swarm-peer` processes and a bootstrap node on 127.0.0.1, grouped as k every outer step, each
   evaluating the global θ after every outer step (`eval_loss` in its metrics);
 - with `--compression-check`, `swarm-none`: the same with `--compression none`.
@@ -40,7 +44,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from peers.launch import read_metrics, run_to_end  # noqa: E402
 
-ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm", "diloco-ideal")
+ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm", "diloco-ideal", "diloco-overlap")
+GUESSES = ("own", "share", "theta", "last")
+"""Where an overlapped replica's next inner loop starts: `own` the outer step with its own Δ as the group's mean
+(swarm.overlap, what swarm-peer does); `share` θ plus its own share of the mean (Δ / k, Nesterov's immediate
+coefficient); `theta` θ itself (the naive delayed update); `last` the outer step with the last round's mean."""
 DEFAULT_ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm")
 
 
@@ -125,38 +133,82 @@ def run_data_parallel(opts: dict, seed: int, world: int, workdir: str) -> list:
         return [tuple(point) for point in json.load(f)]
 
 
-def run_diloco(opts: dict, seed: int, replicas: int = 1) -> list:
+def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, float] | None = None) -> list:
     """DiLoCo in one process, without the network: `replicas` inner loops, the exact token-weighted mean of their
     pseudo-gradients, and the outer optimizer (`swarm.outer`). One replica is what a `swarm-peer` that averages alone
-    computes; k replicas are the swarm's algorithm without compression, matchmaking or timing."""
+    computes; k replicas are the swarm's algorithm without compression, matchmaking or timing.
+
+    `overlap` (guess, landing): overlapped rounds. Each replica's next inner loop starts from its guess of θ after
+    the round (GUESSES); after `landing` of that loop the round lands and the replica's model moves by θ minus its
+    guess; its next Δ is θ minus where the loop ends. θ itself takes every round's exact mean, as blocking."""
     from peers.inner import InnerLoop
-    from swarm.flat import difference, unflatten
+    from swarm.flat import difference, flatten, unflatten
     from swarm.outer import OuterOptimizer
+    from swarm.overlap import to_start_point
 
     workers = [_setup(opts, seed, i) for i in range(replicas)]
     evaluator = workers[0][3]
     inners = [InnerLoop(model, batches, config) for model, batches, config, _ in workers]
     models = [[p for p in model.parameters()] for model, *_ in workers]
     outer = OuterOptimizer([p.detach().clone() for p in models[0]], **opts["outer"])
+    lr, mu = outer.settings()
+    h = opts["inner_steps"]
+    shifts, last_mean = [None] * replicas, None
     curve, tokens = [], 0
     for t in range(opts["outer_steps"]):
         deltas, weights = [], []
-        for inner, params in zip(inners, models):
-            result = inner.run(opts["inner_steps"], first_step=t * opts["inner_steps"])
-            tokens += result.tokens
+        for inner, params, shift in zip(inners, models, shifts):
+            landing = h if shift is None else round(overlap[1] * h)
+            result = inner.run(landing, first_step=t * h)
+            taken = result.tokens
+            if shift is not None:
+                with torch.no_grad():
+                    for p, e in zip(params, unflatten(shift, outer.params)):
+                        p.add_(e)
+                if h > landing:
+                    taken += inner.run(h - landing, first_step=t * h + landing).tokens
+            tokens += taken
             deltas.append(difference(outer.params, [p.detach() for p in params]))
-            weights.append(result.tokens)
+            weights.append(taken)
         mean = sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
+        guesses = None
+        if overlap is not None and replicas > 1:
+            guesses = [_guess(outer, d, overlap[0], replicas, last_mean, lr, mu, to_start_point) for d in deltas]
         if replicas == 1:  # what a peer that averages alone applies
             outer.step_alone(unflatten(mean, outer.params))
         else:
             outer.step(unflatten(mean, outer.params))
+        last_mean = mean
+        theta = flatten(outer.params)
+        shifts = [None] * replicas if guesses is None else [theta - g for g in guesses]
         with torch.no_grad():
-            for params in models:
-                for p, g in zip(params, outer.params):
+            for params, guess in zip(models, guesses or [theta] * replicas):
+                for p, g in zip(params, unflatten(guess, outer.params)):
                     p.copy_(g)
-        curve.append((tokens, evaluator.loss()))
+        # The held-out loss of θ (replica 0's model holds its guess: θ goes in for the evaluation only).
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in models[0]]
+            for p, g in zip(models[0], outer.params):
+                p.copy_(g)
+            curve.append((tokens, evaluator.loss()))
+            for p, k in zip(models[0], kept):
+                p.copy_(k)
     return curve
+
+
+def _guess(outer, delta, kind: str, replicas: int, last_mean, lr: float, mu: float, to_start_point):
+    """A replica's guess of θ after the round in flight, from θ and the momentum before it (see GUESSES)."""
+    from swarm.flat import flatten, unflatten
+
+    theta = flatten(outer.params)
+    if kind == "theta":
+        return theta
+    if kind == "share":
+        return theta - lr * (1 + mu) / replicas * delta
+    guess = (delta if kind == "own" or last_mean is None else last_mean).clone()
+    for i, seg in enumerate(unflatten(guess, outer.params)):
+        to_start_point(outer, i, seg, alone=False)
+    return guess
 
 
 def _schedule_flags(opts: dict) -> list[str]:
@@ -239,6 +291,13 @@ def _mean_curve(curves: list[list]) -> list:
     "the seed, so runs that share them see the same data: their differences are the settings', not the data's.",
 )
 @click.option("--compression-check", is_flag=True, help="Also run the swarm with --compression none.")
+@click.option("--overlap-guess", type=click.Choice(GUESSES), default="own", help="diloco-overlap: the start guess.")
+@click.option(
+    "--overlap-landing",
+    type=click.FloatRange(0, 1),
+    default=0.25,
+    help="diloco-overlap: the share of the next inner loop after which the round lands (1: at its end).",
+)
 def main(**opts) -> None:
     total = opts["outer_steps"] * opts["inner_steps"]
     opts["warmup_steps"] = round(0.05 * total) if opts["warmup_steps"] is None else opts["warmup_steps"]
@@ -255,6 +314,7 @@ def main(**opts) -> None:
     if unknown:
         raise click.BadParameter(f"unknown arms {sorted(unknown)}", param_hint="'--arms'")
     extra = shlex.split(opts.pop("peer_args"))
+    overlap = (opts.pop("overlap_guess"), opts.pop("overlap_landing"))
     if opts.pop("compression_check"):
         arms.append("swarm-none")
     workdir = tempfile.mkdtemp(prefix="swarm-quality-")
@@ -269,13 +329,16 @@ def main(**opts) -> None:
                 curve = run_data_parallel(opts, seed, 1, workdir)
             elif arm == "data-parallel":
                 curve = run_data_parallel(opts, seed, k, workdir)
-            elif arm in ("diloco-m1", "diloco-ideal"):
+            elif arm in ("diloco-m1", "diloco-ideal", "diloco-overlap"):
                 from swarm import SwarmConfig
 
                 # Unset, the M=1 arm takes the settings swarm-peer runs with by default.
                 defaults = {"lr": SwarmConfig.outer_lr, "momentum": SwarmConfig.outer_momentum}
                 outer = {key: defaults[key] if value is None else value for key, value in opts["outer"].items()}
-                curve = run_diloco({**opts, "outer": outer}, seed, 1 if arm == "diloco-m1" else k)
+                replicas = 1 if arm == "diloco-m1" else k
+                curve = run_diloco(
+                    {**opts, "outer": outer}, seed, replicas, overlap if arm == "diloco-overlap" else None
+                )
             else:
                 codec = ["--compression", "none"] if arm == "swarm-none" else []
                 curve = run_swarm(opts, seed, workdir, arm, extra + codec)
@@ -319,6 +382,10 @@ def main(**opts) -> None:
             print(f"share of data-parallel's gain over one peer the swarm recovers: {share:.0%}")
     if {"diloco-m1", "one-peer"} <= final.keys():
         print(f"DiLoCo M=1 vs plain AdamW: {100 * (final['diloco-m1'] / final['one-peer'] - 1):+.2f}%")
+    if {"diloco-overlap", "diloco-ideal"} <= final.keys():
+        change = 100 * (final["diloco-overlap"] / final["diloco-ideal"] - 1)
+        how = f"{overlap[0]} guess, landing after {overlap[1]:g} of the next inner loop"
+        print(f"overlapped ({how}) vs blocking: {change:+.2f}%")
     if {"swarm", "swarm-none"} <= final.keys():
         codec = extra[extra.index("--compression") + 1] if "--compression" in extra else "int8"
         print(f"{codec} vs none: {100 * (final['swarm'] / final['swarm-none'] - 1):+.2f}%")

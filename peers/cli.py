@@ -107,7 +107,19 @@ network, training, data, observability, checkpoints = (
     default=1,
     help="New groups tried for the same outer step, without the lost members, after a member was lost mid-round.",
 )
-@training("--inner-steps", type=click.IntRange(min=1), default=30, help="H: inner AdamW steps per outer step.")
+@network(
+    "--overlap/--no-overlap",
+    default=False,
+    help="Average each outer step's pseudo-gradient while the next inner loop trains, instead of before it (the "
+    "inner loop starts from θ plus this peer's own share of the round in flight).",
+)
+@training(
+    "--inner-steps",
+    type=click.IntRange(min=1),
+    default=30,
+    help="H: inner AdamW steps per outer step, at most; a peer still training when the others' round waits for it "
+    "stops after its current step, and its fewer tokens weigh less.",
+)
 @training("--batch-size", type=click.IntRange(min=1), default=8, help="Sequences per inner step.")
 @training("--seq-len", type=click.IntRange(min=2), default=128, help="Tokens per sequence.")
 @training("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Inner AdamW learning rate.")
@@ -370,6 +382,7 @@ def build_config(flags: dict):
         direct_data_plane=flags["direct"],
         error_feedback=flags["error_feedback"],
         robust_averaging=flags["robust_averaging"],
+        overlap=flags["overlap"],
     )
     return PeerConfig(
         node=node,

@@ -58,6 +58,12 @@ class InnerConfig:
         return self.lr * scale
 
 
+CALLED_SLACK = 0.1
+"""A loop whose round waits for it still finishes when at most this share of its steps is left: equal peers a few
+steps apart all train their H steps (the round waits that little for them), while a peer several times slower than
+the others stops after its current step."""
+
+
 @dataclass
 class InnerResult:
     steps: int
@@ -107,21 +113,33 @@ class InnerLoop:
         stop: threading.Event | None = None,
         on_step: Callable[[torch.Tensor, int], None] | None = None,
         first_step: int = 0,
+        enough: threading.Event | None = None,
+        may_skip: bool = False,
+        before_step: Callable[[], None] | None = None,
         before_update: Callable[[], None] | None = None,
     ) -> InnerResult:
-        """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set.
+        """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set, and early but complete
+        once `enough` is set and at least one step is taken (the round this work feeds waits for it) unless only a
+        few are left (CALLED_SLACK), or none if `may_skip` (the peer brings earlier work to that round).
 
         `first_step` is the run's index of the first of these steps: it places them on the learning-rate schedule.
         `on_step(loss, tokens)` gets the step's loss as a device tensor (reading it waits for the device).
+        `before_step` runs before each step (an overlapped peer moves its model onto the round's θ there).
         `before_update()` runs before each optimizer step, the first change to the parameters and moments: a
         checkpoint that is still writing them out from the live tensors holds the step there (peers.checkpoint).
         """
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        tokens, started, taken = 0, time.perf_counter(), 0
+        tokens, started, taken, interrupted = 0, time.perf_counter(), 0, False
+        slack = int(CALLED_SLACK * steps)
         for _ in range(steps):
             if stop is not None and stop.is_set():
+                interrupted = True
                 break
+            if enough is not None and enough.is_set() and (may_skip or (taken > 0 and steps - taken > slack)):
+                break
+            if before_step is not None:
+                before_step()
             batch = to_device(next(self.batches), self.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr_at(first_step + taken)
@@ -139,7 +157,7 @@ class InnerLoop:
             if on_step is not None:
                 on_step(loss, batch.numel())
         mean = float(loss_sum) / taken if taken else math.nan  # the loop's one wait for the device
-        return InnerResult(taken, mean, tokens, time.perf_counter() - started, taken < steps)
+        return InnerResult(taken, mean, tokens, time.perf_counter() - started, interrupted)
 
     def accumulate_gradients(self, batch: torch.Tensor) -> torch.Tensor:
         """Forward and backward of `batch` in micro-batches, gradients summed into `.grad`; returns the batch's mean

@@ -33,11 +33,14 @@ class Bootstrap:
     maddrs: list[str]
 
 
-def start_bootstrap(workdir: str, *extra: str, timeout: float = 60.0) -> Bootstrap:
-    """Start `swarm-bootstrap` on loopback and wait for the addresses it prints."""
+def start_bootstrap(
+    workdir: str, *extra: str, timeout: float = 60.0, host: str = LOOPBACK, prefix: tuple[str, ...] = ()
+) -> Bootstrap:
+    """Start `swarm-bootstrap` on loopback (or `host`) and wait for the addresses it prints. `prefix` runs it under
+    another command, e.g. `ip netns exec NS` (benchmarks/wan.py)."""
     os.makedirs(workdir, exist_ok=True)
-    args = [*_program("swarm-bootstrap"), "--identity", os.path.join(workdir, "bootstrap.id")]
-    args += ["--host-maddrs", LOOPBACK, *extra]
+    args = [*prefix, *_program("swarm-bootstrap"), "--identity", os.path.join(workdir, "bootstrap.id")]
+    args += ["--host-maddrs", host, *extra]
     stderr = open(os.path.join(workdir, "bootstrap.log"), "ab")  # noqa: SIM115 - owned by the child from now on
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, env=_env(1), text=True)
     stderr.close()
@@ -50,14 +53,22 @@ def start_bootstrap(workdir: str, *extra: str, timeout: float = 60.0) -> Bootstr
 
 
 def start_peer(
-    workdir: str, name: str, initial_peers: list[str], *extra: str, threads: int | None = 1, new_session: bool = False
+    workdir: str,
+    name: str,
+    initial_peers: list[str],
+    *extra: str,
+    threads: int | None = 1,
+    new_session: bool = False,
+    host: str = LOOPBACK,
+    prefix: tuple[str, ...] = (),
 ):
-    """Start `swarm-peer` on loopback; its stdout and stderr go to {workdir}/{name}.log.
+    """Start `swarm-peer` on loopback (or `host`, under `prefix` as in start_bootstrap); its stdout and stderr go to
+    {workdir}/{name}.log.
 
     `new_session` puts it in a session (and process group) of its own, as systemd or a terminal would: a test can
     then signal its whole group (os.killpg) without hitting itself."""
     os.makedirs(workdir, exist_ok=True)
-    args = [*_program("swarm-peer"), "--host-maddrs", LOOPBACK, "--no-progress"]
+    args = [*prefix, *_program("swarm-peer"), "--host-maddrs", host, "--no-progress"]
     for maddr in initial_peers:
         args += ["--initial-peers", maddr]
     args += list(extra)

@@ -107,10 +107,11 @@ class Peer:
         self._outer_peak_mb: float | None = None
         self._peak_rss_mb: float | None = None
         self._checkpoint_wait_seconds = 0.0  # how long the inner loop waited for checkpoint writes this step
+        self._model_step: int | None = 0  # the outer step whose θ the model holds exactly; None: it holds local work
         self._model_facts = model_facts(self.loaded, config.model, config.seed)  # full shapes: before any sharding
         self._run_facts = RunFacts()
-        self._model_is_theta = True  # the model holds θ exactly (built from the same seed, or θ copied into it)
         self._unsaved = True  # something a checkpoint would hold changed since the last one was started
+        self._checkpoint_holds_model = False  # the checkpoint in flight holds the model's own parameters
         self._peak_flops = devices.peak_bf16_flops(self.device)
         self._params = sum(p.numel() for p in self.model.parameters())
 
@@ -124,6 +125,7 @@ class Peer:
         params = [p.detach() for p in self.model.parameters()]
         self.swarm = await Swarm.create(self.node, params, self.config.swarm)
         self._serve_old_states_from_checkpoints()
+        self._checkpoints_guard_state()
         data_position = await asyncio.to_thread(self._restore)  # gigabytes to read for a large model
         if await self.swarm.join_run():
             # The run is ahead of us (a newcomer, or a checkpoint older than the swarm): start from its θ.
@@ -149,6 +151,12 @@ class Peer:
         if speaks_for_peer:
             swarm = getattr(self.swarm, "swarm", self.swarm)  # a ShardedSwarm speaks through worker 0's Swarm
             self.monitor = await PeerMonitor.create(self.config.monitor, self.node, swarm, self.config.swarm.run_id)
+
+    def _checkpoints_guard_state(self) -> None:
+        """θ and the momentum change only once the checkpoint being written from them is done (an overlapped round
+        lands in the background, while the checkpoint of the round before may still be writing)."""
+        if self.checkpointer is not None:
+            getattr(self.swarm, "swarm", self.swarm).before_state_change = self.checkpointer.wait_async
 
     def _make_batches(self, position: int, cursor: dict | None) -> None:
         # The data order mixes the run's seed with this node's id: every peer (and every worker) reads its own order.
@@ -217,6 +225,8 @@ class Peer:
             raise ValueError(f"the checkpoint's model does not fit --model: missing {missing}, unexpected {unexpected}")
         if model_is_theta:
             self._load_global_into_model()
+        else:
+            self._model_step = None
 
     async def run(self) -> None:
         """Train until stopped or until the configured number of outer steps is done."""
@@ -232,33 +242,66 @@ class Peer:
                 await self._final_checkpoint()
 
     async def _train(self, bar: tqdm) -> None:
+        """Inner loop, outer step, records: the phases in order. Overlapped (SwarmConfig.overlap), the round of an
+        inner loop's work finishes during the next inner loop, so its record is written one loop later; the work
+        waiting for its round queues in `waiting`, and each report that comes back closes the oldest."""
+        waiting: list[tuple[InnerResult, float]] = []  # (inner loop result, when its outer step began)
         while not await self._stop_now():
-            if self.config.outer_steps is not None and self.completed_steps >= self.config.outer_steps:
+            if self.config.outer_steps is not None and self.completed_steps + len(waiting) >= self.config.outer_steps:
                 break
             bar.set_description(f"outer step {self.swarm.global_step + 1}")
             step_started = time.perf_counter()
             result = await self._combine(await asyncio.to_thread(self._inner_loop, bar))
             if self.checkpointer is not None:
-                await self.checkpointer.wait_async()  # it reads θ and the momentum, which the outer step changes
+                await self.checkpointer.wait_async()  # it reads the model and θ, which the outer step changes
             if result.interrupted:
-                # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
-                self._pending_tokens += result.tokens
-                logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
+                if self.config.swarm.overlap:
+                    # The work since the last round is dropped: the model goes back to the run's θ below.
+                    logger.info("stopping: inner loop interrupted; finishing the round in flight")
+                else:
+                    # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
+                    self._pending_tokens += result.tokens
+                    logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
                 break
             logger.info(
                 f"outer step {self.swarm.global_step + 1}: inner loop done ({result.steps} steps,"
                 f" {result.seconds:.1f}s), averaging"
             )
-            report = await self._outer_step(result)
-            facts = await self._step_facts(report)
-            facts["eval_loss"] = await self._evaluate(report)
-            facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
-            facts.update(self._throughput_facts(result))
-            record = self._record(result, report, facts)
-            self._save_checkpoint()
-            if self.monitor is not None:
-                await self.monitor.observe(record, self._run_facts.tokens)
-            self.completed_steps += 1
+            waiting.append((result, step_started))
+            waited = time.perf_counter()
+            reports = await self._outer_step(result)
+            wait = time.perf_counter() - waited
+            for report in reports:
+                await self._close_step(*waiting.pop(0), report, wait)
+            await self._start_inner_loop()
+        if waiting:
+            report = await self.swarm.finish()  # the round in flight finishes with its group before we leave
+            if report is not None:
+                await self._after_round(report, sum(r.tokens for r, _ in waiting))
+                await self._close_step(*waiting.pop(0), report, 0.0)
+            await self._load_theta()
+            self._pending_tokens = 0
+
+    async def _close_step(self, result: InnerResult, step_started: float, report: OuterStepReport, wait: float):
+        """Evaluate, record and checkpoint the outer step whose round `report` describes."""
+        facts = await self._step_facts(report)
+        facts["eval_loss"] = await self._evaluate(report)
+        facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
+        facts["wait_seconds"] = round(wait, 4)
+        facts.update(self._throughput_facts(result))
+        record = self._record(result, report, facts)
+        self._save_checkpoint()
+        if self.monitor is not None:
+            await self.monitor.observe(record, self._run_facts.tokens)
+        self.completed_steps += 1
+
+    async def _start_inner_loop(self) -> None:
+        """Overlapped: the model moves to where the next inner loop starts (swarm.sequence); blocking, it stays."""
+        if not self.config.swarm.overlap:
+            return
+        await self._before_model_change()
+        await self.swarm.start_inner_loop(self._local_params())
+        self._model_step = None
 
     def _throughput_facts(self, result: InnerResult) -> dict:
         """Tokens per second of the inner loop alone, and on a GPU of known peak its model FLOP utilisation."""
@@ -312,12 +355,22 @@ class Peer:
             rate = seen["tokens"] / max(now - started, 1e-9)
             bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}", refresh=False)
 
-        first_step = self.swarm.global_step * self.config.inner_steps
-        self._model_is_theta, self._unsaved = False, True
+        # The round this loop feeds: overlapped, the previous one may still be in flight, θ one step behind.
+        first_step = self.swarm.next_round * self.config.inner_steps
+        self._model_step, self._unsaved = None, True
         wait = self._wait_for_checkpoint if self.checkpointer is not None else None
-        result = self.inner.run(self.config.inner_steps, self._stop_flag(), on_step, first_step, before_update=wait)
+        flags = (self._stop_flag(), on_step, first_step, self._called_flag(), self.swarm.carries_work)
+        result = self.inner.run(self.config.inner_steps, *flags, before_step=self._before_step, before_update=wait)
         memory.trim()  # the gradients are freed: let the outer step have their memory
         return result
+
+    def _before_step(self) -> None:
+        """Overlapped: once the round in flight has landed, the model moves onto its θ (see swarm.overlap)."""
+        if self._shift_due():
+            self.swarm.shift_inner_loop(self._local_params())
+
+    def _shift_due(self) -> bool:
+        return self.swarm.shift_ready.is_set()
 
     def _wait_for_checkpoint(self) -> None:
         """Before an optimizer step: the checkpoint still being written reads the parameters and moments it changes."""
@@ -330,12 +383,24 @@ class Peer:
         """What the inner loop checks before every step (a sharded peer's workers must all stop at the same one)."""
         return self.stop_requested
 
+    def _called_flag(self):
+        """Set when the round this loop feeds is being formed and waits for us: the loop ends after its current step
+        (at least one), so a slower peer is averaged in with the steps it managed rather than held up for."""
+        return self.swarm.round_called
+
     def _local_params(self) -> list[torch.Tensor]:
         return [p.detach() for p in self.model.parameters()]
 
+    def _theta_of(self, report: OuterStepReport) -> list[torch.Tensor]:
+        """θ as of `report`: the model's copy when it holds it (overlapped, the swarm's θ may move on meanwhile, as
+        the next round lands), else the swarm's."""
+        return self._local_params() if self._model_step == report.outer_step else self.swarm.params
+
     async def _step_facts(self, report: OuterStepReport) -> dict:
         """What the metrics record says beyond the report: the layout-independent θ hash, the outer step's memory."""
-        digests = await asyncio.to_thread(lambda: [records.row_digests(p) for p in self.swarm.params])
+        theta = self._theta_of(report)
+        read = self.swarm.reading_state if theta is self.swarm.params else asyncio.to_thread
+        digests = await read(lambda: [records.row_digests(p) for p in theta])
         return {
             "theta_sha256": records.theta_sha256(digests),
             "workers": 1,
@@ -343,10 +408,11 @@ class Peer:
             "peak_rss_mb": self._peak_rss_mb,
         }
 
-    async def _outer_step(self, result: InnerResult) -> OuterStepReport:
+    async def _outer_step(self, result: InnerResult) -> list[OuterStepReport]:
+        """Hand the inner loop's work to the swarm; the reports of the rounds that finished (see _train)."""
         local = self._local_params()
         tokens = self._pending_tokens + result.tokens
-        if not math.isfinite(result.loss):
+        if result.steps > 0 and not math.isfinite(result.loss):
             # Make sure a poisoned step never reaches anyone: NaN loss means NaN parameters or moments.
             logger.error(f"inner loss was not finite at outer step {self.swarm.global_step}")
         # The peak since the last reset: the inner loop, and the checkpoint written while it ran.
@@ -354,38 +420,47 @@ class Peer:
         before = memory.rss_bytes()
         measured = await asyncio.to_thread(memory.reset_peak)  # clearing the page flags of GBs takes a moment
         delta = None
-        if self._flat_params is not None:
+        if self._flat_params is not None and not self.config.swarm.overlap:
+            # Blocking, Δ in the model's own memory. Overlapped, the swarm keeps a vector of its own for the work in
+            # flight, which it computes from the model.
             delta = self._flat_params
             await asyncio.to_thread(self._delta_in_place)
         try:
-            report = await self.swarm.outer_step(local, tokens, delta)
+            reports = await self.swarm.submit(local, tokens, delta)
         except BaseException:
             if delta is not None:
                 self._local_from_delta()  # never leave Δ where the model's parameters belong
             raise
-        if delta is not None and not report.restart_from_global:
+        if delta is not None and not any(r.restart_from_global for r in reports):
             await asyncio.to_thread(self._local_from_delta)
         peak = memory.peak_rss_bytes()
         # Memory the outer step added on top of what the process held before it (θ, model, optimizer states).
         self._outer_peak_mb = round((peak - before) / 2**20, 2) if measured and peak and before else None
         peaks = [b for b in (inner_peak, peak) if b]
         self._peak_rss_mb = round(max(peaks) / 2**20, 1) if peaks else None
+        # Overlapped, the swarm keeps the work from now on; blocking, until a report says it took it.
+        self._pending_tokens = 0 if self.config.swarm.overlap else tokens
+        for report in reports:
+            await self._after_round(report, tokens)
+        return reports
+
+    async def _after_round(self, report: OuterStepReport, tokens: int) -> None:
+        """The model takes θ for evaluation and checkpoints (overlapped, `start_inner_loop` then moves it to where
+        the next inner loop starts); blocking, a failed round leaves the work in the model, its tokens pending."""
         if report.restart_from_global:
-            await asyncio.to_thread(self._load_global_into_model)
+            await self._load_theta()
             self._pending_tokens = 0
         else:
             self._pending_tokens = tokens
         if report.status == StepStatus.NONFINITE:
             self.inner.reset_optimizer()
-        try:
-            await asyncio.wait_for(self.swarm.publish_hash(report), 10)
-        except Exception as e:  # the hash record is advisory; training goes on without it
-            logger.debug(f"could not publish the θ hash: {e!r}")
-        return report
 
     async def _evaluate(self, report: OuterStepReport) -> float | None:
-        """Held-out loss of θ when it is due. After a failed all-reduce the model holds local work, not θ: skipped."""
-        if self.evaluator is None or not report.restart_from_global or not self.evaluator.due(report.outer_step):
+        """Held-out loss of θ when it is due. After a failed all-reduce the model holds local work, not θ, and after
+        the run moved on (a resync right after the round) the model holds a later θ: skipped."""
+        if self.evaluator is None or self._model_step != report.outer_step:
+            return None
+        if not self.evaluator.due(report.outer_step):
             return None
         loss = await asyncio.to_thread(self.evaluator.loss)
         return loss if math.isfinite(loss) else None
@@ -393,7 +468,7 @@ class Peer:
     @torch.no_grad()
     def _delta_in_place(self) -> None:
         """Overwrite the model's parameters with Δ = θ - local (the same float operation the outer step would do)."""
-        self._model_is_theta = False
+        self._model_step = None
         for p, theta in zip(self.model.parameters(), self.swarm.params, strict=True):
             torch.sub(theta, p, out=p)
 
@@ -404,11 +479,26 @@ class Peer:
         for p, theta in zip(self.model.parameters(), self.swarm.params, strict=True):
             torch.sub(theta, p, out=p)
 
+    @property
+    def _model_is_theta(self) -> bool:
+        """Whether the model holds θ exactly (built from the same seed, or θ copied into it)."""
+        return self._model_step is not None
+
+    async def _load_theta(self) -> None:
+        """θ into the model, in a thread; a round landing in the background (overlapped) waits until it is copied."""
+        await self._before_model_change()
+        await self.swarm.reading_state(self._load_global_into_model)
+
+    async def _before_model_change(self) -> None:
+        """A checkpoint still writing out the model's own parameters (they were not θ) finishes first."""
+        if self.checkpointer is not None and self._checkpoint_holds_model:
+            await self.checkpointer.wait_async()
+
     @torch.no_grad()
     def _load_global_into_model(self) -> None:
         for p, g in zip(self.model.parameters(), self.swarm.params, strict=True):
             p.copy_(g)
-        self._model_is_theta = True
+        self._model_step = self.swarm.global_step
 
     def _record(self, result: InnerResult, report: OuterStepReport, facts: dict) -> dict:
         record = {
@@ -423,8 +513,10 @@ class Peer:
             "attempts": report.attempts,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
+            "inner_steps": result.steps,
             "compute_seconds": round(result.seconds, 4),
             "comm_seconds": round(report.comm_seconds, 4),
+            "overlapped": report.overlapped,
             "params_sha256": report.params_sha256,
             **facts,
             "time": time.time(),
@@ -451,6 +543,7 @@ class Peer:
         if self.checkpointer is None or self.swarm is None or not hasattr(self, "inner"):
             return
         self._unsaved = False
+        self._checkpoint_holds_model = not self._model_is_theta
         self.checkpointer.save_in_background(self._checkpoint_state(), self.swarm.global_step)
 
     async def _final_checkpoint(self) -> None:

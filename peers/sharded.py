@@ -56,13 +56,28 @@ def worker_node_config(node, rank: int):
 
 
 class _AgreedStop:
-    """The inner loop's stop flag, true on every worker as soon as it is true on one (checked once per step)."""
+    """The inner loop's stop flag, true on every worker as soon as it is true on one (checked once per step), and
+    with it, in the same collective: whether the round waits for the peer (only worker 0 hears it: `called`), and
+    whether the round in flight has landed on every worker (`shift`: the workers shift their shards together)."""
 
-    def __init__(self, local: LocalGroup, event):
-        self.local, self.event = local, event
+    def __init__(self, local: LocalGroup, event, called, shift_ready):
+        self.local, self.event, self.called, self.shift_ready = local, event, called, shift_ready
+        self.enough, self.shift = _Cached(), _Cached()
 
     def is_set(self) -> bool:
-        return self.local.any_blocking(self.event.is_set())
+        flags = self.event.is_set(), self.called.is_set(), not self.shift_ready.is_set()
+        stop, self.enough.value, waiting = self.local.any_blocking(*flags)
+        self.shift.value = not waiting
+        return stop
+
+
+class _Cached:
+    """`_AgreedStop`'s second flag, as agreed in its last check (the inner loop checks the stop flag first)."""
+
+    value = False
+
+    def is_set(self) -> bool:
+        return self.value
 
 
 class ShardedPeer(Peer):
@@ -82,6 +97,7 @@ class ShardedPeer(Peer):
         shards = [t.detach().cpu() for t in local_shards(self.model)]
         self.swarm = await ShardedSwarm.create(self.node, shards, self.config.swarm, self.local, full_shapes)
         self._serve_old_states_from_checkpoints()
+        self._checkpoints_guard_state()
         data_position = await self._restore_sharded()
         if await self.swarm.join_run():
             await asyncio.to_thread(self._load_global_into_model)
@@ -131,7 +147,7 @@ class ShardedPeer(Peer):
                     with torch.no_grad():
                         for shard, saved in zip(local_shards(self.model), state["model"], strict=True):
                             shard.copy_(saved)
-                    self._model_is_theta = False
+                    self._model_step = None
                 self._restored_inner_state = state["inner_optimizer"]
                 self._pending_tokens = int(state.get("pending_tokens", 0))
                 self._run_facts = RunFacts.from_checkpoint(state)
@@ -145,7 +161,14 @@ class ShardedPeer(Peer):
         return await asyncio.to_thread(self.local.any_blocking, self.stop_requested.is_set())
 
     def _stop_flag(self):
-        return _AgreedStop(self.local, self.stop_requested)
+        self._agreed = _AgreedStop(self.local, self.stop_requested, self.swarm.round_called, self.swarm.shift_ready)
+        return self._agreed
+
+    def _called_flag(self):
+        return self._agreed.enough
+
+    def _shift_due(self) -> bool:
+        return self._agreed.shift.is_set()
 
     async def _combine(self, result: InnerResult) -> InnerResult:
         """The peer's inner loop: tokens of all workers, their mean loss, the slowest worker's time."""
@@ -164,7 +187,7 @@ class ShardedPeer(Peer):
         return [t.detach() for t in local_shards(self.model)]
 
     async def _step_facts(self, report: OuterStepReport) -> dict:
-        theta = await self.swarm.theta_sha256()
+        theta = await self.swarm.theta_sha256(self._theta_of(report))
         report.params_sha256 = theta  # the peer's record hashes the full θ, not worker 0's shard
         peaks = await self.local.all_gather((self._outer_peak_mb, self._peak_rss_mb))
         return {
@@ -178,7 +201,7 @@ class ShardedPeer(Peer):
     def _load_global_into_model(self) -> None:
         for shard, theta in zip(local_shards(self.model), self.swarm.params, strict=True):
             shard.copy_(theta)
-        self._model_is_theta = True
+        self._model_step = self.swarm.global_step
 
     def _params_total(self) -> int:
         return sum(math.prod(shape) for shape in self._model_facts["full_shapes"])

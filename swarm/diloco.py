@@ -15,29 +15,35 @@ Nesterov SGD on θ. Members of a group end with bit-identical θ. What happens w
 - the all-reduce still fails: θ is left as it was, and the caller keeps its local parameters, so the next outer
   step's Δ carries this step's work too (nothing lost, nothing partial applied);
 - Δ holds NaN or inf: nothing is sent, θ is left as it was, and the caller restarts from θ.
+
+The sequence itself (checks, catching up, matchmaking, all-reduce, apply; blocking or overlapped with the next inner
+loop) lives in swarm.sequence, shared with sharded peers (swarm.sharded).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import enum
+import contextlib
 import logging
-import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from hivemind.utils import get_dht_time
 
 from swarm import records
-from swarm.allreduce import AllReduceError, Averager
+from swarm.allreduce import Averager
 from swarm.codec import make_codec
-from swarm.flat import all_finite, difference, unflatten
+from swarm.flat import unflatten
+from swarm.local import SoloGroup
 from swarm.matchmaking import Group, Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, OuterOptimizer
+from swarm.report import OuterStepReport
+from swarm.sequence import OuterSequence
 from swarm.state import RunState, StateServer, StateView, download_state, majority_hash
 
 logger = logging.getLogger(__name__)
@@ -72,6 +78,9 @@ class SwarmConfig:
     """Reduce each part robustly (swarm.robust): weights bounded by the group's median, CenteredClip when some
     contribution is far from the others, garbage dropped and its sender named. With nobody out of line the result
     is the plain token-weighted mean, bit for bit; off, it always is."""
+    overlap: bool = False
+    """Run each round behind the next inner loop instead of before it (swarm.sequence, swarm.overlap): the
+    all-reduce of step t averages while step t+1 trains. swarm-peer turns it on by default."""
     shard: tuple[int, int] | None = None
     """(index, count): this Swarm holds shard `index` of a peer whose model is sharded over `count` workers
     (see swarm.sharded); None for a peer that holds its whole model."""
@@ -100,38 +109,6 @@ class SwarmConfig:
             raise ValueError("allreduce_timeout_seconds must be positive")
         if self.allreduce_retries < 0:
             raise ValueError("allreduce_retries must be at least 0")
-
-
-class StepStatus(str, enum.Enum):
-    AVERAGED = "averaged"  # Δ averaged with a group of two or more
-    ALONE = "alone"  # no group found: own Δ applied
-    ALLREDUCE_FAILED = "allreduce_failed"  # θ unchanged, local work carried into the next step
-    NONFINITE = "nonfinite"  # Δ had NaN/inf: nothing sent, round sat out, caller restarts from θ
-    RESYNCED = "resynced"  # the run was ahead: θ taken over from peers, own Δ dropped, caller restarts from θ
-
-
-@dataclass
-class OuterStepReport:
-    outer_step: int
-    """The run's outer-step counter after this step."""
-    status: StepStatus
-    group_size: int
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    comm_seconds: float = 0.0
-    params_sha256: str = ""
-    error: str | None = None
-    group_id: str = ""
-    """Hex id of the group whose average was applied (empty when none was)."""
-    attempts: int = 0
-    """All-reduces tried for this step (more than one after a member was lost)."""
-    members: list[str] = field(default_factory=list)
-    """Base58 peer ids of the group whose average was applied (empty when none was): who this peer trained with."""
-
-    @property
-    def restart_from_global(self) -> bool:
-        """Whether the caller should copy θ into its local parameters before the next inner loop."""
-        return self.status != StepStatus.ALLREDUCE_FAILED
 
 
 class Swarm:
@@ -173,11 +150,25 @@ class Swarm:
         self.residual = torch.zeros(numel) if config.error_feedback else None
         self._state_version = 0  # bumped whenever θ or the momentum change
         self._changing = False  # θ or the momentum are being written in another thread
+        self.state_lock = asyncio.Lock()
+        """Held while θ or the momentum change (`_changing_state`), and by readers that must see them whole while a
+        round may land in the background (`reading_state`)."""
+        self.before_state_change: Callable[[], Awaitable[None]] | None = None
+        """Awaited before θ or the momentum change: the peer's checkpoint, written from the live tensors in the
+        background, finishes first (peers.checkpoint)."""
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
         self._average: torch.Tensor | None = None  # see average_buffer
         self.state_server = StateServer(
             node, self.namespace, self.schema, self._snapshot, keep_copy_max_bytes=config.keep_buffers_max_bytes
         )
+        self.round_called = threading.Event()
+        """Set when a leader of the round this peer feeds next waits for it (it pinged us): the inner loop should end
+        after its current step, so that nobody waits for us longer than one of our inner steps (see
+        swarm.sequence). Cleared when the peer hands over its work."""
+        self.matchmaker.on_awaited = self._on_awaited
+        self.sequence = OuterSequence(self, SoloGroup())
+        """The outer-step sequence of a one-worker peer; a sharded peer's workers run theirs (swarm.sharded)."""
+        self._publishing: set[asyncio.Task] = set()
 
     @classmethod
     async def create(
@@ -185,6 +176,7 @@ class Swarm:
     ) -> Swarm:
         self = cls(node, params, config, outer_step, layout)
         self.matchmaker.set_outer_step(outer_step)
+        self.matchmaker.next_round = outer_step
         await self.averager.start()
         self.matchmaker.direct_endpoints = self.averager.direct_endpoints
         self.matchmaker.direct_key = self.averager.direct_public_key()
@@ -193,9 +185,84 @@ class Swarm:
         return self
 
     async def close(self) -> None:
+        await self.sequence.close()
+        for task in list(self._publishing):
+            task.cancel()
         await self.matchmaker.close()
         await self.state_server.close()
         await self.averager.close()
+
+    @property
+    def next_round(self) -> int:
+        """The round this peer's next contribution goes to (overlapped, one past `global_step` while a round is in
+        flight)."""
+        step = self.matchmaker.next_round
+        return self.global_step if step is None else step
+
+    def _on_awaited(self, step: int) -> None:
+        if not self.round_called.is_set():
+            logger.debug(f"a leader of round {step} waits for this peer: ending the inner loop after this step")
+            self.round_called.set()
+
+    # ---- the outer step (swarm.sequence) --------------------------------------------------------------------------
+
+    async def outer_step(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> OuterStepReport | None:
+        """One DiLoCo outer step from the peer's post-inner-loop parameters; `tokens` weighs its contribution.
+
+        `delta`, if given, is Δ = θ - local computed by the caller as one flat float32 vector (a CPU peer computes it
+        over its own parameters' memory, and saves the 4 bytes per parameter of a separate Δ); it is only read.
+
+        Blocking, the report of this step's round. Overlapped (SwarmConfig.overlap), the newest report of a round
+        finished by this call (None on the first call): the round of the previous call, usually; then
+        `start_inner_loop` says where the next inner loop starts. `submit` gives every report."""
+        reports = await self.sequence.submit(local, tokens, delta)
+        return reports[-1] if reports else None
+
+    async def submit(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> list[OuterStepReport]:
+        """Hand over the inner loop's result; the reports of the rounds this call finished (swarm.sequence)."""
+        return await self.sequence.submit(local, tokens, delta)
+
+    async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
+        """Write where the next inner loop starts into `local` (θ, or overlapped, θ plus our share of the round in
+        flight)."""
+        await self.sequence.start_inner_loop(local)
+
+    def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
+        """Between two inner steps, once the round in flight has landed (`shift_ready`): move `local` onto θ, keeping
+        what it trained since it started from our guess (swarm.overlap). True if it moved."""
+        return self.sequence.shift_inner_loop(local)
+
+    @property
+    def shift_ready(self) -> threading.Event:
+        return self.sequence.shift_ready
+
+    async def finish(self) -> OuterStepReport | None:
+        """Wait for the round in flight (overlapped), if any; its report."""
+        return await self.sequence.finish()
+
+    @property
+    def carries_work(self) -> bool:
+        """Whether work of ours waits for a round (see OuterSequence.carries_work): an inner loop called by the
+        round may end before its first step."""
+        return self.sequence.carries_work
+
+    async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
+        """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
+        return await self.sequence.catch_up(timeout_seconds)
+
+    async def join_run(self, timeout_seconds: float = 60.0) -> bool:
+        """On start: take over the run's state if it is ahead, and line up with its next round. True if taken.
+
+        If the others are already forming the round of the step we took over, our first inner loop would arrive too
+        late for it: we wait for that round's result instead, so that our first inner loop starts with theirs.
+        """
+        return await self.sequence.join_run(timeout_seconds)
+
+    # ---- the run's state ------------------------------------------------------------------------------------------
 
     def _snapshot(self) -> StateView:
         """The state as newcomers see it: read in place, never copied (see swarm.state.StateView)."""
@@ -205,27 +272,23 @@ class Swarm:
         """Run `change(*args)`, which writes θ or the momentum in place, in a thread: the outer step of a large model
         takes seconds of CPU, and the event loop serves the swarm meanwhile. The state server sees the state as
         changing until it is done."""
-        self.state_server.before_change()
-        self._changing = True
-        self._state_version += 1
-        try:
-            await asyncio.to_thread(change, *args)
-        finally:
+        async with self.state_lock:
+            if self.before_state_change is not None:
+                await self.before_state_change()
+            self.state_server.before_change()
+            self._changing = True
             self._state_version += 1
-            self._changing = False
+            try:
+                await asyncio.to_thread(change, *args)
+            finally:
+                self._state_version += 1
+                self._changing = False
 
-    async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
-        """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
-        taken = None
-        for _ in range(3):  # the run may move on during a transfer: a failed one is worth a second try
-            ahead, taken = await self.newer_state(timeout_seconds)
-            if not ahead:
-                break
-            if taken is not None:
-                logger.info(f"caught up with the run: outer step {self.global_step} -> {taken.outer_step}")
-                await self._adopt(taken)
-                break
-        return taken is not None
+    async def reading_state(self, read, *args):
+        """`read(*args)` in a thread, with θ and the momentum unchanged meanwhile (an overlapped round lands in the
+        background); its result."""
+        async with self.state_lock:
+            return await asyncio.to_thread(read, *args)
 
     async def newer_state(self, timeout_seconds: float = 60.0) -> tuple[bool, RunState | None]:
         """(whether live peers are ahead of us, the newest state they agree on or None): one try, nothing adopted."""
@@ -236,17 +299,6 @@ class Swarm:
             return False, None
         donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
         return True, await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
-
-    async def join_run(self, timeout_seconds: float = 60.0) -> bool:
-        """On start: take over the run's state if it is ahead, and line up with its next round. True if taken.
-
-        If the others are already forming the round of the step we took over, our first inner loop would arrive too
-        late for it: we wait for that round's result instead, so that our first inner loop starts with theirs.
-        """
-        if not await self.catch_up(timeout_seconds):
-            return False
-        await self._rejoin()
-        return True
 
     async def repair_drift(self, timeout_seconds: float = 60.0, same_step: bool = False) -> bool:
         """If most members of our last group published another θ hash than ours for that step, take their θ.
@@ -282,21 +334,6 @@ class Swarm:
         await self._adopt(taken)
         return True
 
-    async def _rejoin(self, wait_for_round: bool = False) -> None:
-        """After taking over θ_s mid-step: make sure our next inner loop starts from the θ the others start from.
-
-        With `wait_for_round` (we have nothing to contribute to round s at all), wait for the round's result whenever
-        other live peers are at step s, whether they are still in their inner loop or already forming the round.
-
-        If the others are still in their inner loop of step s, our next inner loop (from θ_s) reaches round s in
-        time. If round s is being formed right now by enough peers to close it, we cannot take part (we have no Δ
-        against θ_s): we say so, so nobody waits for us, and wait for the round's result θ_{s+1} instead of lagging one
-        round behind forever.
-        """
-        step = self.global_step
-        if await self.round_under_way(wait_for_round):
-            await self.wait_for_round(step)
-
     async def round_under_way(self, wait_for_round: bool = False) -> bool:
         """Whether round `global_step` goes ahead without us, so we should wait for its result (see _rejoin)."""
         step = self.global_step
@@ -316,16 +353,20 @@ class Swarm:
             others = ahead or bool(formed) or len(looking) >= self.config.matchmaking.min_group_size
         return others
 
-    async def wait_for_round(self, step: int) -> None:
-        """Sit round `step` out and take over its result once it exists (or give up after the round's bound)."""
-        await self.matchmaker.sit_out(step)
-        mm = self.config.matchmaking
-        deadline = time.monotonic() + mm.timeout_seconds + self.config.allreduce_timeout_seconds
-        while time.monotonic() < deadline:
-            if await self.catch_up():
-                return
-            await asyncio.sleep(mm.poll_interval_seconds)
-        logger.warning(f"round {step} did not finish within the bound; training on from outer step {step}")
+    async def missed_round(self, step: int) -> bool:
+        """Whether round `step` went ahead without us: enough peers of the run to form a group are done looking for
+        it, and nobody looks any more. We came too late for it (swarm.sequence takes its result and carries our work
+        on). A peer that merely sat the round out (a NaN) is done looking too: one alone is not a group."""
+        me, now = self.node.peer_id, get_dht_time()
+        declared = [d for d in await self.matchmaker.declarations(step) if d.schema == self.schema and d.peer_id != me]
+        looking = any(d.looking and d.deadline > now for d in declared)
+        done = sum(not d.looking for d in declared)
+        return not looking and done >= max(2, self.config.matchmaking.min_group_size)
+
+    async def live_others(self) -> int:
+        """How many other live peers of the run could average with us."""
+        me = self.node.peer_id
+        return len({h.peer_id for h in await self.matchmaker.live_peers() if h.schema == self.schema} - {me})
 
     async def _take_state(self, donors, acceptable, timeout_seconds: float) -> RunState | None:
         """The newest state the donors agree on that passes `acceptable(step, hash)` and the DHT's majority hash."""
@@ -366,87 +407,6 @@ class Swarm:
     def params_sha256(self) -> str:
         return records.params_sha256(self.params)
 
-    async def outer_step(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
-    ) -> OuterStepReport:
-        """One DiLoCo outer step from the peer's post-inner-loop parameters; `tokens` weighs its contribution.
-
-        `delta`, if given, is Δ = θ - local computed by the caller as one flat float32 vector (a CPU peer computes it
-        over its own parameters' memory, and saves the 4 bytes per parameter of a separate Δ); it is only read."""
-        if len(local) != len(self.params):
-            raise ValueError(f"got {len(local)} local tensors for {len(self.params)} global parameters")
-        step = self.global_step
-        if delta is None:
-            delta = await asyncio.to_thread(difference, self.params, local)
-        started = time.perf_counter()
-        if not await asyncio.to_thread(all_finite, delta):  # one pass and no mask; the count only on a bad step
-            bad = int((~torch.isfinite(delta)).sum())
-            error = f"pseudo-gradient of outer step {step} has {bad} NaN/inf values: not sent, sitting this round out"
-            logger.error(error)
-            # Sit the round out without making anyone wait, and start the next inner loop from the round's result.
-            await self._rejoin(wait_for_round=True)
-            return await self._advance(
-                StepStatus.NONFINITE, 0, started, error=error, next_step=self.global_step == step
-            )
-        if tokens <= 0 or not math.isfinite(tokens):
-            raise ValueError(f"tokens must be positive, got {tokens}")
-
-        if await self.catch_up() or await self.repair_drift():
-            # The run moved on without us, or our θ drifted from it: our Δ is against a θ nobody else holds.
-            await self._rejoin()
-            return await self._advance(StepStatus.RESYNCED, 0, started, next_step=False)
-        contribution, residual = delta, None
-        if self.residual is not None:
-            contribution, residual = delta + self.residual, torch.empty_like(delta)
-        excluded: set = set()
-        # Whom we expect at this round even if the DHT does not show them: our last group, then this round's group.
-        known = set(self._last_group[1]) if self._last_group is not None else set()
-        attempt = 0
-        while True:
-            group = await self.matchmaker.form_group(step, exclude=excluded, known=known)
-            if group is None or group.size == 1:
-                timeout = self.config.matchmaking.timeout_seconds
-                why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
-                logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-                await self._apply_off_loop(delta, alone=True)
-                return await self._advance(StepStatus.ALONE, 1, started, attempts=attempt)
-            attempt += 1
-            try:
-                out = self.average_buffer(contribution.numel())
-                result = await self.averager.all_reduce(group, contribution, float(tokens), residual, out)
-                break
-            except AllReduceError as e:
-                self._average = None  # a failed round's decoder threads may still write into it
-                if attempt > self.config.allreduce_retries:
-                    error = f"outer step {step}: all-reduce with {group.size} peers failed ({e}); θ unchanged"
-                    logger.warning(f"{error}, work carried into the next step")
-                    status = StepStatus.ALLREDUCE_FAILED
-                    return await self._advance(status, group.size, started, error=error, attempts=attempt)
-                excluded |= e.suspects
-                known = set(group.peer_ids) - excluded
-                lost = ", ".join(str(p) for p in e.suspects) or "none identified"
-                logger.warning(
-                    f"outer step {step}: all-reduce with {group.size} peers failed ({e}); lost or caught members:"
-                    f" {lost}; forming a new group without them"
-                )
-            finally:
-                # Whoever this round caught sending garbage (either side of it) shares no group with us again.
-                self.ban(group, self.caught_in(group))
-        await self._apply_off_loop(result.averaged)
-        self._last_group = (step + 1, group.peer_ids)
-        if residual is not None:
-            self.residual = residual
-        return await self._advance(
-            StepStatus.AVERAGED,
-            group.size,
-            started,
-            result.bytes_sent,
-            result.bytes_received,
-            group_id=group.group_id.hex(),
-            attempts=attempt,
-            members=[p.to_base58() for p in group.peer_ids],
-        )
-
     def caught_in(self, group: Group) -> dict[int, str]:
         """Members of `group` (by index) that our averager caught sending garbage, as a reducer of their
         contributions or as a member judging their averaged parts (swarm.audit), with the reason."""
@@ -471,8 +431,13 @@ class Swarm:
     async def _apply_off_loop(self, flat_delta: torch.Tensor, alone: bool = False) -> None:
         """`_apply` in a thread; a large average buffer is let go afterwards (see keep_buffers_max_bytes)."""
         await self._changing_state(self._apply, flat_delta, alone)
+        self.let_go_of_average(flat_delta)
+
+    def let_go_of_average(self, applied: torch.Tensor) -> None:
+        """After an outer step that read `applied`: if it was the average buffer and that is larger than
+        `keep_buffers_max_bytes`, let it go (the next round makes a new one)."""
         average = self._average
-        if average is not None and flat_delta.data_ptr() == average.data_ptr():
+        if average is not None and applied.data_ptr() == average.data_ptr():
             if average.numel() * 4 > self.config.keep_buffers_max_bytes:
                 self._average = None
 
@@ -515,6 +480,21 @@ class Swarm:
             members=list(members),
         )
 
+    def publish_later(self, report: OuterStepReport) -> None:
+        """Publish our θ hash for the report's step in the background (advisory: a failure only costs a drift
+        check), so that the round's members find each other's hashes at their next step."""
+
+        # Now, not when the task runs: a sharded peer's caller puts the full θ's hash into its report afterwards.
+        frozen = OuterStepReport(report.outer_step, report.status, 0, params_sha256=report.params_sha256)
+
+        async def publish() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.publish_hash(frozen), 10)
+
+        task = asyncio.create_task(publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
     async def publish_hash(self, report: OuterStepReport) -> None:
         """Record our θ hash for this outer step in the DHT, so peers can compare (and a tool can check drift)."""
         await self.node.dht.store(
@@ -542,5 +522,6 @@ class Swarm:
         self._state_version += 1
         self.global_step = int(state["step"])
         self.matchmaker.set_outer_step(self.global_step)
+        self.matchmaker.next_round = self.global_step
         if self.residual is not None and state.get("residual") is not None:
             self.residual.copy_(state["residual"])

@@ -20,9 +20,10 @@ Join protocol (one binary stream per join, frames from `swarm.wire`):
    sharded peer's other workers, which average their shards in parallel: see swarm.sharded; "excludes" names the
    peers the follower caught lying (Matchmaker.ban): the leader refuses a join that would put it in a group with
    one of them, either way round)
-  leader -> peer it waits for: {"type": "ping"}
+  leader -> peer it waits for: {"type": "ping", "step": the step it looks for a group for}
   peer -> leader: {"type": "pong", "step": its outer step, "looking": step it looks for a group for (-1: none),
-                   "leading": whether it leads its own search}
+                   "leading": whether it leads its own search, "next": the round its next contribution goes to}
+  (a peer pinged for the round it feeds next ends its inner loop early: `on_awaited`, see swarm.sequence)
 
 A leader pings the peers it waits for that have not joined yet. A peer that crashed leaves its heartbeat in the DHT for
 a few seconds; the ping fails at once on its dead daemon, and nobody waits for it. The DHT can also be stale or
@@ -230,6 +231,11 @@ class Matchmaker:
         """The public key that authenticates this peer's direct connections (set by its averager)."""
         self.shard_nodes: list[tuple[PeerID, list, bytes]] = []
         """Nodes (and direct endpoints) of this peer's workers 1..N-1 when it is sharded over N workers."""
+        self.next_round: int | None = None
+        """The round this peer's next contribution goes to (set by its outer-step sequence). An overlapped peer
+        trains for round t while its round t-1 may still be in flight, its outer step still t-1."""
+        self.on_awaited = None
+        """Called with the step when a leader looking for a group for `next_round` pings us: it waits for us."""
 
     @property
     def peer_id(self) -> PeerID:
@@ -319,8 +325,9 @@ class Matchmaker:
         state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds)
         await self._declare(state, looking=False)
 
-    async def form_group(self, outer_step: int, exclude=(), known=()) -> Group | None:
-        """Find a group for `outer_step` within the configured timeout; None if this peer should average alone.
+    async def form_group(self, outer_step: int, exclude=(), known=(), timeout: float | None = None) -> Group | None:
+        """Find a group for `outer_step` within `timeout` (default: the configured one); None if this peer should
+        average alone.
 
         A group of this peer alone comes back early when no other peer of the run is alive (see alone_after_seconds).
 
@@ -332,7 +339,8 @@ class Matchmaker:
             raise RuntimeError("form_group is already running on this peer")
         # Not waited for, but still followed if they lead: a peer we wrongly took for lost loses nothing.
         # Banned peers are neither waited for nor followed, nor let in when we lead (see _handle_join).
-        state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds, dead=set(exclude) | set(self.banned))
+        deadline = get_dht_time() + (self.config.timeout_seconds if timeout is None else timeout)
+        state = _Looking(outer_step, deadline, dead=set(exclude) | set(self.banned))
         state.excluded.update(dict.fromkeys(self.banned, float("inf")))
         state.known = set(known) - state.dead - {self.peer_id}
         self._looking = state
@@ -416,7 +424,8 @@ class Matchmaker:
         expected -= done | state.dead
         for peer in list(expected - members):
             heard = state.heard.get(peer)
-            if heard is not None and state.outer_step not in (heard.get("step"), heard.get("looking")):
+            coming = (heard.get("step"), heard.get("looking"), heard.get("next")) if heard is not None else ()
+            if heard is not None and state.outer_step not in coming:
                 expected.discard(peer)  # it said it is at another step: not coming to this round
         if expected <= members:
             return self._close_group(state)
@@ -457,7 +466,7 @@ class Matchmaker:
                 reader, writer = await asyncio.wait_for(
                     self.node.open_stream(peer, self._protocol), self.config.request_timeout_seconds
                 )
-                await write_frame(writer, {"type": "ping"})
+                await write_frame(writer, {"type": "ping", "step": state.outer_step})
                 reply, _ = await asyncio.wait_for(
                     read_frame(reader, max_payload=0), self.config.request_timeout_seconds
                 )
@@ -637,8 +646,12 @@ class Matchmaker:
                         "step": self.outer_step,
                         "looking": looking.outer_step if active else -1,
                         "leading": active and looking.leader is None,
+                        "next": self.next_round,
                     },
                 )
+                step = request.get("step")
+                if step == self.next_round and not active and self.on_awaited is not None and isinstance(step, int):
+                    self.on_awaited(step)
                 return
             step = require(request, "step", int)
             schema = require(request, "schema", str)

@@ -56,6 +56,15 @@ class OuterOptimizer:
         for p, g in zip(self.params, pseudo_gradient):
             p.sub_(g.to(dtype=p.dtype).reshape(p.shape))
 
+    def settings(self) -> tuple[float, float]:
+        """(lr, momentum) the outer steps use."""
+        group = self._sgd.param_groups[0]
+        return group["lr"], group["momentum"]
+
+    def momentum_buffer(self, index: int) -> torch.Tensor | None:
+        """The momentum buffer of parameter `index`, or None before the first group step (or with momentum 0)."""
+        return self._sgd.state.get(self.params[index], {}).get("momentum_buffer")
+
     def momentum(self) -> list[torch.Tensor] | None:
         """The momentum buffers, or None before the first step."""
         buffers = [self._sgd.state.get(p, {}).get("momentum_buffer") for p in self.params]

@@ -16,17 +16,17 @@ Peers average only with peers sharded over the same number of workers: shard i o
 shard i of another, so their vectors cannot be added. The worker count is part of the schema, and a peer of another
 layout is refused at matchmaking with a message that names both layouts.
 
-Taking over the run's state (a newcomer, a peer that fell behind) works per shard: worker i downloads its shard from
-the workers i of peers ahead, and the workers adopt only if all of them took the same step.
+The steps above are swarm.sequence's, the same sequence a one-worker peer runs (blocking or overlapped), with the
+peer's workers as partners. Taking over the run's state (a newcomer, a peer that fell behind) works per shard:
+worker i downloads its shard from the workers i of peers ahead, and the workers adopt only if all of them took the
+same step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -34,14 +34,11 @@ import torch
 from hivemind.p2p import PeerID
 
 from swarm import records
-from swarm.allreduce import AllReduceError
-from swarm.diloco import OuterStepReport, StepStatus, Swarm, SwarmConfig
-from swarm.flat import all_finite, difference
+from swarm.diloco import Swarm, SwarmConfig
 from swarm.local import LocalGroup
 from swarm.node import SwarmNode
-from swarm.wire import ProtocolError
-
-logger = logging.getLogger(__name__)
+from swarm.report import OuterStepReport
+from swarm.sequence import OuterSequence
 
 
 def describe_layout(index: int, count: int, full_shapes: Sequence[Sequence[int]]) -> str:
@@ -59,6 +56,8 @@ class ShardedSwarm:
 
     def __init__(self, swarm: Swarm, local: LocalGroup):
         self.swarm, self.local = swarm, local
+        # The one outer-step sequence, with the other workers as partners: it replaces the one-worker one.
+        self.sequence = swarm.sequence = OuterSequence(swarm, local)
 
     @classmethod
     async def create(
@@ -83,7 +82,7 @@ class ShardedSwarm:
         return self
 
     async def close(self) -> None:
-        await self.swarm.close()
+        await self.swarm.close()  # closes the sequence too
 
     @property
     def global_step(self) -> int:
@@ -94,159 +93,71 @@ class ShardedSwarm:
         """θ of this worker's shard."""
         return self.swarm.params
 
-    # ---- agreeing on state ----------------------------------------------------------------------------------------
+    # ---- the outer step (swarm.sequence, with this peer's workers) -------------------------------------------------
 
     async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
         """If the run is ahead, every worker takes over its shard of the same newer state, or none does."""
-        for _ in range(3):
-            ahead, state = await self.swarm.newer_state(timeout_seconds)
-            seen = await self.local.all_gather((ahead, None if state is None else state.outer_step))
-            if not any(a for a, _ in seen):
-                return False
-            steps = {s for _, s in seen}
-            if len(steps) == 1 and None not in steps:
-                logger.info(f"caught up with the run: outer step {self.swarm.global_step} -> {state.outer_step}")
-                await self.swarm._adopt(state)
-                return True
-            # Workers got different steps (the run moved on mid-transfer) or some got none: try again.
-            logger.info(f"workers took different states of the run ({[s for _, s in seen]}); trying again")
-        return False
+        return await self.sequence.catch_up(timeout_seconds)
 
     async def join_run(self, timeout_seconds: float = 60.0) -> bool:
         """On start: take over the run's state if it is ahead, and line up with its next round. True if taken."""
-        if not await self.catch_up(timeout_seconds):
-            return False
-        await self._rejoin()
-        return True
-
-    async def _rejoin(self, wait_for_round: bool = False) -> None:
-        step = self.swarm.global_step
-        under_way = await self.swarm.round_under_way(wait_for_round) if self.local.rank == 0 else None
-        if not await self.local.broadcast(under_way):
-            return
-        await self.swarm.matchmaker.sit_out(step)
-        mm = self.swarm.config.matchmaking
-        deadline = time.monotonic() + mm.timeout_seconds + self.swarm.config.allreduce_timeout_seconds
-        while True:
-            if await self.catch_up():
-                return
-            # Worker 0's clock decides, so every worker runs the same number of rounds of collectives.
-            if not await self.local.broadcast(time.monotonic() < deadline):
-                break
-            await asyncio.sleep(mm.poll_interval_seconds)
-        logger.warning(f"round {step} did not finish within the bound; training on from outer step {step}")
-
-    async def _repair_drift(self) -> bool:
-        # Each worker checks its own shard against its shard group; only θ of the same step is taken, so the workers
-        # stay at one step whatever each finds.
-        repaired = await self.swarm.repair_drift(same_step=True)
-        return any(await self.local.all_gather(repaired))
-
-    # ---- the outer step -------------------------------------------------------------------------------------------
+        return await self.sequence.join_run(timeout_seconds)
 
     async def outer_step(
         self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
-    ) -> OuterStepReport:
+    ) -> OuterStepReport | None:
         """One DiLoCo outer step from this worker's shard after the inner loop; `tokens` is the whole peer's count.
-        `delta`: this shard's Δ = θ - local when the caller computed it (see Swarm.outer_step)."""
-        swarm = self.swarm
-        if len(local) != len(swarm.params):
-            raise ValueError(f"got {len(local)} local tensors for {len(swarm.params)} global parameters")
-        if tokens <= 0 or not math.isfinite(tokens):
-            raise ValueError(f"tokens must be positive, got {tokens}")
-        step = swarm.global_step
-        started = time.perf_counter()
-        if delta is None:
-            delta = await asyncio.to_thread(difference, swarm.params, local)
-        bad = await asyncio.to_thread(lambda: 0 if all_finite(delta) else int((~torch.isfinite(delta)).sum()))
-        bad_per_worker = await self.local.all_gather(bad)
-        if any(bad_per_worker):
-            where = ", ".join(f"worker {i}: {n}" for i, n in enumerate(bad_per_worker) if n)
-            error = f"pseudo-gradient of outer step {step} has NaN/inf ({where}): not sent, sitting this round out"
-            logger.error(error)
-            await self._rejoin(wait_for_round=True)
-            return await swarm._advance(
-                StepStatus.NONFINITE, 0, started, error=error, next_step=swarm.global_step == step
-            )
+        `delta`: this shard's Δ = θ - local when the caller computed it. Returns what Swarm.outer_step returns."""
+        reports = await self.sequence.submit(local, tokens, delta)
+        return reports[-1] if reports else None
 
-        if await self.catch_up() or await self._repair_drift():
-            await self._rejoin()
-            return await swarm._advance(StepStatus.RESYNCED, 0, started, next_step=False)
-        contribution, residual = delta, None
-        if swarm.residual is not None:
-            contribution, residual = delta + swarm.residual, torch.empty_like(delta)
-        excluded: set = set()
-        known = set(swarm._last_group[1]) if swarm._last_group is not None else set()
-        attempt = 0
-        while True:
-            group = None
-            if self.local.rank == 0:
-                group = await swarm.matchmaker.form_group(step, exclude=excluded, known=known)
-            group = await self.local.broadcast(group)
-            if group is None or group.size == 1:
-                timeout = swarm.config.matchmaking.timeout_seconds
-                why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
-                logger.info(f"outer step {step + 1}: {why}, applying this peer's own pseudo-gradient")
-                await swarm._apply_off_loop(delta, alone=True)
-                return await swarm._advance(StepStatus.ALONE, 1, started, attempts=attempt)
-            attempt += 1
-            outcome, result, shard_group = await self._average_shard(group, contribution, float(tokens), residual)
-            outcomes = await self.local.all_gather(outcome)
-            if self.local.rank == 0:  # it finds our groups: caught in any shard's round, a peer shares none again
-                swarm.ban(group, {i: reason for *_, caught in outcomes for i, reason in caught.items()})
-            if all(ok for ok, *_ in outcomes):
-                break
-            suspects = {group.peer_ids[i] for _, lost, *_ in outcomes for i in lost}
-            errors = "; ".join(f"shard {i}: {err}" for i, (ok, _, err, _) in enumerate(outcomes) if not ok)
-            if attempt > swarm.config.allreduce_retries:
-                error = f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); θ unchanged"
-                logger.warning(f"{error}, work carried into the next step")
-                return await swarm._advance(
-                    StepStatus.ALLREDUCE_FAILED, group.size, started, error=error, attempts=attempt
-                )
-            excluded |= suspects
-            known = set(group.peer_ids) - excluded
-            logger.warning(f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); new group next")
-        await swarm._apply_off_loop(result.averaged)
-        swarm._last_group = (step + 1, shard_group.peer_ids)
-        if residual is not None:
-            swarm.residual = residual
-        traffic = await self.local.all_gather((result.bytes_sent, result.bytes_received))
-        return await swarm._advance(
-            StepStatus.AVERAGED,
-            group.size,
-            started,
-            sum(s for s, _ in traffic),
-            sum(r for _, r in traffic),
-            group_id=group.group_id.hex(),
-            attempts=attempt,
-            members=[p.to_base58() for p in group.peer_ids],  # the peers (their worker 0), not our shard's nodes
-        )
+    async def submit(
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+    ) -> list[OuterStepReport]:
+        return await self.sequence.submit(local, tokens, delta)
 
-    async def _average_shard(self, group, contribution, weight, residual):
-        """(ok, indices of lost members, error, {index: why} of members caught sending garbage) and the result of
-        this worker's shard round. Indices are the members' in `group`: a shard group lists the same peers' nodes."""
-        try:
-            shard_group = group.for_shard(self.local.rank)
-        except ProtocolError as e:
-            return (False, [], str(e), {}), None, None
-        try:
-            out = self.swarm.average_buffer(contribution.numel())
-            result = await self.swarm.averager.all_reduce(shard_group, contribution, weight, residual, out)
-            return (True, [], "", self.swarm.caught_in(shard_group)), result, shard_group
-        except AllReduceError as e:
-            self.swarm._average = None  # a failed round's decoder threads may still write into it
-            lost = [shard_group.peer_ids.index(p) for p in e.suspects if p in shard_group.peer_ids]
-            return (False, lost, str(e), self.swarm.caught_in(shard_group)), None, shard_group
+    async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
+        await self.sequence.start_inner_loop(local)
+
+    async def finish(self) -> OuterStepReport | None:
+        return await self.sequence.finish()
+
+    def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
+        return self.sequence.shift_inner_loop(local)
+
+    @property
+    def shift_ready(self):
+        return self.sequence.shift_ready
+
+    @property
+    def carries_work(self) -> bool:
+        return self.sequence.carries_work
+
+    @property
+    def next_round(self) -> int:
+        return self.swarm.next_round
+
+    @property
+    def round_called(self):
+        """Set on worker 0 when a leader waits for the peer (see Swarm.round_called); the peer's inner loop agrees
+        on it with the other workers (peers.sharded)."""
+        return self.swarm.round_called
 
     async def publish_hash(self, report: OuterStepReport) -> None:
         """Each worker records its shard's hash in its namespace (newcomers check the shards they take against it)."""
         await self.swarm.publish_hash(report)
 
-    async def theta_sha256(self) -> str:
-        """The layout-independent hash of the peer's full θ (records.theta_sha256), on every worker."""
-        rows = await self.local.all_gather([records.row_digests(p) for p in self.swarm.params])
+    async def theta_sha256(self, shard: Sequence[torch.Tensor] | None = None) -> str:
+        """The layout-independent hash of the peer's full θ (records.theta_sha256), on every worker; `shard` is this
+        worker's copy of its θ shard to hash instead of its live one."""
+        params = self.swarm.params
+        read = asyncio.to_thread if shard else self.swarm.reading_state  # θ: whole, not while a round lands
+        rows = await self.local.all_gather(await read(lambda: [records.row_digests(p) for p in (shard or params)]))
         return records.theta_sha256([b"".join(worker[i] for worker in rows) for i in range(len(self.swarm.params))])
+
+    async def reading_state(self, read, *args):
+        """See Swarm.reading_state: this worker's θ shard and momentum stay unchanged while `read` runs."""
+        return await self.swarm.reading_state(read, *args)
 
     def state_dict(self) -> dict:
         return self.swarm.state_dict()

@@ -138,7 +138,11 @@ def test_run_facts_survive_a_restart(one_worker_run, tmp_path):
     assert result.returncode == 0, result.stderr
     card = open(f"{out}/README.md", encoding="utf-8").read()
     assert "| outer step | 3 |" in card and "| outer steps this peer trained | 3 |" in card
-    assert f"| tokens trained by this peer | {3 * TOKENS_PER_STEP:,} |" in card
+    # What the peer's records say it trained: an inner loop the other peer's round called may have ended a step or
+    # more before H (peers.inner), so not always 3 x H x batch x seq-len.
+    tokens = sum(r["tokens"] for r in metrics[0]) + after[0]["tokens"]
+    assert tokens <= 3 * TOKENS_PER_STEP
+    assert f"| tokens trained by this peer | {tokens:,} |" in card
     assert f"| peers averaged with | 1: `{metrics[1][0]['peer_id']}` |" in card
     assert f"| last training loss | {after[0]['loss']:.4f} |" in card
 

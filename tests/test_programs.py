@@ -68,7 +68,9 @@ def test_bootstrap_and_two_peers_train_and_agree(tmp_path):
             assert a["group_size"] == b["group_size"] == 2
             assert a["params_sha256"] == b["params_sha256"]
             assert a["peer_id"] != b["peer_id"] and a["run_id"] == "e2e"
-            assert a["tokens"] == 5 * 4 * 64 and a["bytes_sent"] > 0 and a["bytes_received"] > 0
+            # Up to H = 5 steps of 4 x 64 tokens: a peer that the round waits for ends its inner loop early.
+            assert a["tokens"] == a["inner_steps"] * 4 * 64 and 1 <= a["inner_steps"] <= 5
+            assert a["bytes_sent"] > 0 and a["bytes_received"] > 0
             for key in ("loss", "compute_seconds", "comm_seconds", "time"):
                 assert isinstance(a[key], float)
         assert [r["outer_step"] for r in records[0]] == [1, 2]

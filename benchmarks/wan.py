@@ -1,0 +1,285 @@
+"""A swarm on emulated wide-area links: every peer in a network namespace of its own, behind a link of its own capped
+with tbf. Compute utilization, tokens/s and loss per peer, blocking against overlapped, equal against uneven peers.
+
+    python benchmarks/wan.py [--peers 3] [--rate 50mbit] [--model benchmarks/models/llama-5m.json]
+        [--inner-steps 10] [--outer-steps 12] [--batch-size 4] [--seq-len 64] [--slow 1] [--slow-factor 4]
+        [--arms blocking-equal,overlap-equal,blocking-uneven,overlap-uneven] [--compression int8]
+
+Needs root (network namespaces, veth pairs, tc), except with `--rate none` (every node on 127.0.0.1, uncapped).
+The topology: a hub namespace holding a bridge, and each node (the bootstrap node and every peer) in a namespace of
+its own, joined to the bridge by a veth pair; addresses in 10.198.0.0/24, a private range (in the benchmarking range
+198.18.0.0/15 the peers never reached each other: every connection failed with "routing: not found", the addresses
+presumably filtered out as unroutable). Each peer's link is capped both ways (tbf on its own end for what it sends,
+on the hub's end for what it receives; mtu 1500, burst 1mb, limit 8mb, which give textbook transfer times here), so a
+peer's cap limits that peer alone. Nothing leaves the namespaces this script makes, and it deletes them when done.
+netem is not available here: the links add no latency, only a bandwidth cap.
+
+The uneven swarm: the last `--slow` peers run `--slow-factor` times the batch, so each of their inner steps takes
+that much longer. Per peer, over the steady outer steps (the first two and the last are left out: start-up, and
+the round in flight at the end):
+- utilization: inner-loop seconds over wall seconds between metrics records;
+- tokens/s; inner steps per outer step; statuses of its rounds;
+- wait: seconds the peer's compute waited for the swarm between inner loops.
+And per arm: the training loss against the swarm's tokens, whether θ hashes agree within every group, and traffic
+per token against data-parallel fp32 (a ring all-reduce of every step's gradient, 2(k-1)/k x 4 bytes per parameter
+per worker).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from peers.launch import read_metrics, start_bootstrap, start_peer, stop  # noqa: E402
+
+ARMS = ("blocking-equal", "overlap-equal", "blocking-uneven", "overlap-uneven")
+PREFIX = "swan"  # namespace and interface names: swan-hub, swan-n0, ...; veths swan-v0, ...
+SUBNET = "10.198.0"  # private: libp2p keeps these addresses (not 198.18.0.0/15)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class Links:
+    """A bridge in a hub namespace and one namespace per node, each behind a veth link capped both ways."""
+
+    def __init__(self, nodes: int, rates: list[str | None]):
+        self.nodes, self.rates = nodes, rates
+
+    def namespace(self, i: int) -> str:
+        return f"{PREFIX}-n{i}"
+
+    def address(self, i: int) -> str:
+        return f"{SUBNET}.{10 + i}"
+
+    def __enter__(self) -> Links:
+        self._delete()  # leftovers of an interrupted run
+        hub = f"{PREFIX}-hub"
+        _ip("netns", "add", hub)
+        _ip("-n", hub, "link", "set", "lo", "up")
+        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", hub, "link", "set", "br0", "up")
+        for i in range(self.nodes):
+            ns, veth = self.namespace(i), f"{PREFIX}-v{i}"
+            _ip("netns", "add", ns)
+            _ip("link", "add", veth, "mtu", "1500", "type", "veth", "peer", "name", "eth0", "mtu", "1500", "netns", ns)
+            _ip("link", "set", veth, "netns", hub)
+            _ip("-n", hub, "link", "set", veth, "master", "br0")
+            _ip("-n", hub, "link", "set", veth, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            if self.rates[i] is not None:
+                for where, dev in ((ns, "eth0"), (hub, veth)):
+                    tbf = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rates[i]]
+                    _ip("netns", "exec", where, *tbf, "burst", "1mb", "limit", "8mb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._delete()
+
+    def _delete(self) -> None:
+        names = [f"{PREFIX}-hub", *(self.namespace(i) for i in range(self.nodes))]
+        for ns in names:
+            # Whatever still runs in our namespaces is ours: end it before the namespace goes.
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def prefix(self, i: int) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.namespace(i))
+
+
+class Loopback:
+    """`--rate none`: every node on 127.0.0.1, no namespaces, no cap (no root needed)."""
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def address(self, i: int) -> str:
+        return "127.0.0.1"
+
+    def prefix(self, i: int) -> tuple[str, ...]:
+        return ()
+
+
+def run_arm(opts: dict, arm: str, workdir: str) -> list[list[dict]]:
+    """One swarm to its end; the metrics records of every peer."""
+    mode, kind = arm.split("-")
+    k = opts["peers"]
+    slow = set(range(k - opts["slow"], k)) if kind == "uneven" else set()
+    rundir = os.path.join(workdir, arm)
+    # Node 0 is the bootstrap node (uncapped: it only introduces), nodes 1..k the peers.
+    links = Loopback() if opts["rate"] == "none" else Links(k + 1, [None] + [opts["rate"]] * k)
+    with links:
+        boot = start_bootstrap(rundir, "--run-id", "wan", host=f"/ip4/{links.address(0)}/tcp/0", prefix=links.prefix(0))
+        procs = []
+        try:
+            for i in range(k):
+                batch = opts["batch_size"] * (opts["slow_factor"] if i in slow else 1)
+                args = [
+                    "--run-id", "wan", "--model", opts["model"], "--seed", "0",
+                    "--inner-steps", str(opts["inner_steps"]), "--outer-steps", str(opts["outer_steps"]),
+                    "--batch-size", str(batch), "--seq-len", str(opts["seq_len"]),
+                    "--compression", opts["compression"], "--min-group-size", "2",
+                    "--eval-dataset", "none", "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
+                    "--overlap" if mode == "overlap" else "--no-overlap", *opts["peer_args"],
+                ]  # fmt: skip
+                host = f"/ip4/{links.address(i + 1)}/tcp/0"
+                procs.append(start_peer(rundir, f"peer{i}", boot.maddrs, *args, host=host, prefix=links.prefix(i + 1)))
+            deadline = time.monotonic() + opts["timeout"]
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if any(p.returncode for p in procs):
+                raise RuntimeError(f"{arm}: peers exited with {[p.returncode for p in procs]}; see {rundir}")
+        finally:
+            for p in procs:
+                stop(p)
+            stop(boot.process)
+    return [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(k)]
+
+
+def peer_figures(records: list[dict]) -> dict:
+    """Steady-state figures of one peer (records 3 to n-1: start-up and the final drain left out)."""
+    steady = list(range(2, len(records) - 1))
+    wall = sum(records[i]["time"] - records[i - 1]["time"] for i in steady)
+    compute = sum(records[i]["compute_seconds"] for i in steady)
+    tokens = sum(records[i]["tokens"] for i in steady)
+    return {
+        "utilization": compute / wall if wall else float("nan"),
+        "tokens_per_second": tokens / wall if wall else float("nan"),
+        "wait_seconds": statistics.mean(records[i].get("wait_seconds", 0.0) for i in steady) if steady else 0.0,
+        "inner_steps": statistics.mean(r.get("inner_steps", 0) for r in records),
+        "statuses": dict(collections.Counter(r["status"] for r in records)),
+        "group_sizes": dict(collections.Counter(r["group_size"] for r in records)),
+        "bytes_per_token": sum(r["bytes_sent"] for r in records) / max(1, sum(r["tokens"] for r in records)),
+        "step_seconds": wall / len(steady) if steady else float("nan"),
+        "bytes_per_round": statistics.mean(r["bytes_sent"] for r in records if r["group_size"] > 1)
+        if any(r["group_size"] > 1 for r in records)
+        else float("nan"),
+    }
+
+
+def groups_agree(peers: list[list[dict]]) -> bool:
+    """Within every group (same outer step and group id), every member recorded the same θ hash."""
+    seen: dict[tuple, set] = collections.defaultdict(set)
+    for records in peers:
+        for r in records:
+            if r["group"]:
+                seen[(r["outer_step"], r["group"])].add(r["params_sha256"])
+    return all(len(h) == 1 for h in seen.values())
+
+
+def loss_curve(peers: list[list[dict]]) -> list[tuple[int, float]]:
+    """Mean training loss of the peers at each outer step, against the swarm's tokens so far."""
+    by_step: dict[int, list] = collections.defaultdict(list)
+    for records in peers:
+        for r in records:
+            by_step[r["outer_step"]].append(r)
+    curve, tokens = [], 0
+    for step in sorted(by_step):
+        rows = by_step[step]
+        tokens += sum(r["tokens"] for r in rows)
+        losses = [r["loss"] for r in rows if r["loss"] is not None]
+        if losses:
+            curve.append((tokens, statistics.mean(losses)))
+    return curve
+
+
+def numel_of(model: str, seed: int = 0) -> int:
+    from peers.model import load_model
+
+    return sum(p.numel() for p in load_model(model, seed).model.parameters())
+
+
+@click.command()
+@click.option("--peers", type=click.IntRange(min=2), default=3)
+@click.option("--rate", default="50mbit", help="Each peer's cap, both ways (tc syntax); none: 127.0.0.1, uncapped.")
+@click.option("--model", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "llama-5m.json"))
+@click.option("--inner-steps", type=click.IntRange(min=1), default=10)
+@click.option("--outer-steps", type=click.IntRange(min=4), default=12)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4)
+@click.option("--seq-len", type=click.IntRange(min=8), default=64)
+@click.option("--slow", type=click.IntRange(min=1), default=1, help="Slow peers in the uneven swarm.")
+@click.option("--slow-factor", type=click.IntRange(min=2), default=4, help="Their batch, and step time, multiple.")
+@click.option("--compression", default="int8")
+@click.option("--arms", default=",".join(ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")
+@click.option("--peer-args", default="", help="More swarm-peer flags for every peer.")
+@click.option("--timeout", type=float, default=1800.0, help="Seconds one arm may run.")
+@click.option("--json-out", default=None, help="Write every figure here as JSON.")
+def main(**opts) -> None:
+    if os.geteuid() != 0 and opts["rate"] != "none":
+        raise click.UsageError("needs root: network namespaces, veth pairs and tc (or --rate none)")
+    import shlex
+
+    opts["peer_args"] = shlex.split(opts["peer_args"])
+    arms = opts.pop("arms").split(",")
+    if set(arms) - set(ARMS):
+        raise click.BadParameter(f"unknown arms {sorted(set(arms) - set(ARMS))}", param_hint="'--arms'")
+    k, numel = opts["peers"], numel_of(opts["model"])
+    workdir = tempfile.mkdtemp(prefix="swarm-wan-")
+    # Data-parallel fp32: every step, a ring all-reduce of the gradient: 2(k-1)/k x 4 bytes per parameter sent per
+    # worker, for batch x seq-len tokens of that worker.
+    dp_bytes_per_token = 2 * (k - 1) / k * 4 * numel / (opts["batch_size"] * opts["seq_len"])
+    print(
+        f"{k} peers, {numel:,} parameters, links capped at {opts['rate']} each way (tbf; no added latency), "
+        f"H={opts['inner_steps']}, {opts['outer_steps']} outer steps, batch {opts['batch_size']} x {opts['seq_len']}, "
+        f"{opts['compression']}; uneven: {opts['slow']} peer(s) with {opts['slow_factor']}x the batch; logs {workdir}",
+        flush=True,
+    )
+    results = {}
+    for arm in arms:
+        started = time.perf_counter()
+        peers = run_arm(opts, arm, workdir)
+        figures = [peer_figures(records) for records in peers]
+        curve = loss_curve(peers)
+        results[arm] = {"peers": figures, "groups_agree": groups_agree(peers), "curve": curve}
+        print(f"\n{arm} ({time.perf_counter() - started:.0f} s); θ hashes agree within every group: "
+              f"{results[arm]['groups_agree']}")  # fmt: skip
+        print(f"  {'peer':<6}{'util':>7}{'tok/s':>9}{'step s':>8}{'wait s':>8}{'H':>6}{'traffic x':>11}  statuses")
+        for i, f in enumerate(figures):
+            ratio = dp_bytes_per_token / f["bytes_per_token"] if f["bytes_per_token"] else float("inf")
+            f["traffic_reduction"] = ratio
+            print(
+                f"  {i:<6}{f['utilization']:>7.3f}{f['tokens_per_second']:>9.0f}{f['step_seconds']:>8.2f}"
+                f"{f['wait_seconds']:>8.2f}{f['inner_steps']:>6.1f}{ratio:>10.0f}x  {f['statuses']} {f['group_sizes']}"
+            )
+        # The same bytes per round carry H x batch tokens: per token, against data-parallel fp32, at H = 100.
+        per_round = statistics.mean(f["bytes_per_round"] for f in figures)
+        at_100 = 100 * 2 * (k - 1) / k * 4 * numel / per_round
+        results[arm]["traffic_reduction_at_h100"] = at_100
+        sent = f"{per_round / 1e6:.2f} MB"
+        print(f"  bytes sent per round and peer {sent}: at H=100, {at_100:.0f}x less than data-parallel fp32")
+        marks = [curve[max(0, round(x * len(curve)) - 1)] for x in (0.25, 0.5, 0.75, 1.0)] if curve else []
+        print("  training loss at swarm tokens: " + ", ".join(f"{t:.0f}: {loss:.4f}" for t, loss in marks))
+    for kind in ("equal", "uneven"):
+        a, b = results.get(f"blocking-{kind}"), results.get(f"overlap-{kind}")
+        if a and b and a["curve"] and b["curve"]:
+            tokens = min(a["curve"][-1][0], b["curve"][-1][0])
+            at = [min(c["curve"], key=lambda p: abs(p[0] - tokens))[1] for c in (a, b)]
+            change = 100 * (at[1] / at[0] - 1)
+            print(f"{kind}: training loss near {tokens:.0f} tokens, overlap vs blocking: {change:+.2f}%")
+    if opts["json_out"]:
+        with open(opts["json_out"], "w") as f:
+            json.dump({"options": opts, "numel": numel, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
