@@ -1,7 +1,9 @@
 """What a peer shows the world after each outer step: its status record in the DHT, Prometheus metrics, and
 (when asked) the same dashboard a bootstrap node serves, for the peer's own run.
 
-Nothing here can stop training: publishing is bounded in time and its failures are logged at debug level.
+Nothing here can stop training, or hold it up: the status record is published in the background (two DHT round trips
+and a signature, a tenth of a second or more that the next inner loop would otherwise wait for), bounded in time,
+its failures logged at debug level.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
 class PeerMonitor:
-    """Use `await PeerMonitor.create(...)`, `await monitor.observe(record)` per outer step, `await monitor.close()`."""
+    """Use `await PeerMonitor.create(...)`, `await monitor.observe(record)` per outer step, `await monitor.close()`
+    (which waits, within PUBLISH_TIMEOUT_SECONDS, for the last status to be published)."""
 
     def __init__(self, config: MonitorConfig, node, swarm, run_id: str):
         """`swarm` is the peer's one-worker Swarm (worker 0's for a sharded peer): its matchmaker and averager."""
@@ -32,6 +35,8 @@ class PeerMonitor:
         self.history: list[list] = []
         self.endpoints: list[HttpEndpoint] = []
         self.collector: Collector | None = None
+        self._unpublished: status_records.PeerStatus | None = None  # the newest status not yet handed to the DHT
+        self._publisher: asyncio.Task | None = None
 
     @classmethod
     async def create(cls, config: MonitorConfig, node, swarm, run_id: str) -> PeerMonitor:
@@ -75,10 +80,18 @@ class PeerMonitor:
             time=get_dht_time(),
             history=[list(h) for h in self.history],
         )
-        try:
-            await asyncio.wait_for(self._publish(status), PUBLISH_TIMEOUT_SECONDS)
-        except Exception as e:  # the status is for people watching; training goes on without it
-            logger.debug(f"could not publish the status record: {e!r}")
+        self._unpublished = status
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_newest())
+
+    async def _publish_newest(self) -> None:
+        # One publication at a time; statuses observed meanwhile replace each other: only the newest is worth sending.
+        while self._unpublished is not None:
+            status, self._unpublished = self._unpublished, None
+            try:
+                await asyncio.wait_for(self._publish(status), PUBLISH_TIMEOUT_SECONDS)
+            except Exception as e:  # the status is for people watching; training goes on without it
+                logger.debug(f"could not publish the status record: {e!r}")
 
     async def _publish(self, status: status_records.PeerStatus) -> None:
         await status_records.publish(self.node.dht, self.node.peer_id.to_base58(), self.run_id, status)
@@ -86,6 +99,13 @@ class PeerMonitor:
         self.metrics.live_peers.set(len(live))
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            try:  # the last status (the run's final step) is worth a moment; no more than one publication's bound
+                await asyncio.wait_for(asyncio.shield(self._publisher), PUBLISH_TIMEOUT_SECONDS)
+            except Exception as e:
+                logger.debug(f"the last status record was not published: {e!r}")
+                self._publisher.cancel()
+            self._publisher = None
         for endpoint in self.endpoints:
             await endpoint.close()
         self.endpoints = []

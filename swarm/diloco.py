@@ -309,9 +309,12 @@ class Swarm:
         if self.global_step == 0 or self._last_group is None or self._last_group[0] != self.global_step:
             return False
         members = set(self._last_group[1])
-        found = await self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True)
+        # Our hash (a model-size pass, in a thread) while the DHT answers: this check runs before every round.
+        found, mine = await asyncio.gather(
+            self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True),
+            asyncio.to_thread(self.params_sha256),
+        )
         published = {peer: digest for peer, digest in records.parse_hashes(found).items() if peer in members}
-        mine = await asyncio.to_thread(self.params_sha256)
         published[self.node.peer_id] = mine
         votes = collections.Counter(published.values())
         majority, count = votes.most_common(1)[0]
