@@ -72,12 +72,11 @@ class Codec(abc.ABC):
     def encoded_size(self, numel: int) -> int:
         """Bytes that `encode` produces for `numel` elements."""
 
+    @abc.abstractmethod
     def reader(self, payload: bytes | memoryview, numel: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """A function that decodes values [start, start + len(out)) of the payload into `out` (1-d contiguous
         float32), `start` a multiple of READ_ALIGNMENT: a payload read a slice at a time, so that judging many
         contributions never holds them all decoded. The payload is checked once, here (CodecError)."""
-        values = self.decode(payload, numel)  # codecs with blocks override this: no decoded copy
-        return lambda start, out: out.copy_(values[start : start + out.numel()])
 
 
 def _as_flat_fp32(flat: torch.Tensor) -> torch.Tensor:
@@ -86,34 +85,28 @@ def _as_flat_fp32(flat: torch.Tensor) -> torch.Tensor:
     return flat.detach().to(dtype=torch.float32, device="cpu").contiguous()
 
 
-class NoCompression(Codec):
-    """Raw little-endian float32."""
+class _ElementwiseCodec(Codec):
+    """A codec that sends every value on its own in a fixed little-endian float type (`_wire`): the payload is
+    `numel` of them, nothing else."""
 
-    name, version = "none", 1
+    _wire: str
 
-    def encode(self, flat: torch.Tensor) -> bytes:
-        return _as_flat_fp32(flat).numpy().astype("<f4", copy=False).tobytes()
-
-    def decode(self, payload, numel: int) -> torch.Tensor:
-        if len(payload) != 4 * numel:
-            raise CodecError(f"fp32 payload has {len(payload)} bytes, expected {4 * numel}")
-        values = np.frombuffer(payload, dtype="<f4")
-        # A writable buffer (a bytearray read straight off a socket) becomes the tensor as it is: no 2nd copy.
-        return torch.from_numpy(values if values.flags.writeable else values.copy())
-
-    def decode_into(self, payload, out: torch.Tensor) -> torch.Tensor:
-        if len(payload) != 4 * out.numel():
-            raise CodecError(f"fp32 payload has {len(payload)} bytes, expected {4 * out.numel()}")
-        out.numpy()[:] = np.frombuffer(payload, dtype="<f4")
-        return out
+    def _values(self, payload, numel: int) -> np.ndarray:
+        """The payload's values as they are on the wire, checked for size."""
+        expected = self.encoded_size(numel)
+        if len(payload) != expected:
+            raise CodecError(f"{np.dtype(self._wire).name} payload has {len(payload)} bytes, expected {expected}")
+        return np.frombuffer(payload, dtype=self._wire)
 
     def encoded_size(self, numel: int) -> int:
-        return 4 * numel
+        return np.dtype(self._wire).itemsize * numel
+
+    def decode_into(self, payload, out: torch.Tensor) -> torch.Tensor:
+        out.numpy()[:] = self._values(payload, out.numel())
+        return out
 
     def reader(self, payload, numel: int):
-        if len(payload) != 4 * numel:
-            raise CodecError(f"fp32 payload has {len(payload)} bytes, expected {4 * numel}")
-        values = np.frombuffer(payload, dtype="<f4")
+        values = self._values(payload, numel)
 
         def read(start: int, out: torch.Tensor) -> torch.Tensor:
             out.numpy()[:] = values[start : start + out.numel()]
@@ -122,10 +115,26 @@ class NoCompression(Codec):
         return read
 
 
-class Float16Compression(Codec):
+class NoCompression(_ElementwiseCodec):
+    """Raw little-endian float32."""
+
+    name, version = "none", 1
+    _wire = "<f4"
+
+    def encode(self, flat: torch.Tensor) -> bytes:
+        return _as_flat_fp32(flat).numpy().astype("<f4", copy=False).tobytes()
+
+    def decode(self, payload, numel: int) -> torch.Tensor:
+        values = self._values(payload, numel)
+        # A writable buffer (a bytearray read straight off a socket) becomes the tensor as it is: no 2nd copy.
+        return torch.from_numpy(values if values.flags.writeable else values.copy())
+
+
+class Float16Compression(_ElementwiseCodec):
     """IEEE half precision. Values beyond the fp16 range are saturated, not sent as inf."""
 
     name, version = "fp16", 1
+    _wire = "<f2"
     _FP16_MAX = 65504.0
 
     def encode(self, flat: torch.Tensor) -> bytes:
@@ -133,23 +142,7 @@ class Float16Compression(Codec):
         return flat.to(torch.float16).numpy().astype("<f2", copy=False).tobytes()
 
     def decode(self, payload, numel: int) -> torch.Tensor:
-        if len(payload) != 2 * numel:
-            raise CodecError(f"fp16 payload has {len(payload)} bytes, expected {2 * numel}")
-        return torch.from_numpy(np.frombuffer(payload, dtype="<f2").astype(np.float32))
-
-    def encoded_size(self, numel: int) -> int:
-        return 2 * numel
-
-    def reader(self, payload, numel: int):
-        if len(payload) != 2 * numel:
-            raise CodecError(f"fp16 payload has {len(payload)} bytes, expected {2 * numel}")
-        values = np.frombuffer(payload, dtype="<f2")
-
-        def read(start: int, out: torch.Tensor) -> torch.Tensor:
-            out.numpy()[:] = values[start : start + out.numel()]
-            return out
-
-        return read
+        return torch.from_numpy(self._values(payload, numel).astype(np.float32))
 
 
 class Blockwise8BitCompression(Codec):
