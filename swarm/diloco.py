@@ -43,7 +43,7 @@ from swarm.matchmaking import Group, Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, OuterOptimizer
 from swarm.report import OuterStepReport
-from swarm.sequence import OuterSequence
+from swarm.sequence import OuterSequence, SequenceMethods
 from swarm.state import RunState, StateServer, StateView, download_state, majority_hash
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class SwarmConfig:
             raise ValueError("allreduce_retries must be at least 0")
 
 
-class Swarm:
+class Swarm(SequenceMethods):
     """One peer's membership in a training run. Holds the global parameters θ and the outer optimizer state.
 
     Use `await Swarm.create(node, params, config)` and `await swarm.close()`.
@@ -203,64 +203,6 @@ class Swarm:
         if not self.round_called.is_set():
             logger.debug(f"a leader of round {step} waits for this peer: ending the inner loop after this step")
             self.round_called.set()
-
-    # ---- the outer step (swarm.sequence) --------------------------------------------------------------------------
-
-    async def outer_step(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
-    ) -> OuterStepReport | None:
-        """One DiLoCo outer step from the peer's post-inner-loop parameters; `tokens` weighs its contribution.
-
-        `delta`, if given, is Δ = θ - local computed by the caller as one flat float32 vector (a CPU peer computes it
-        over its own parameters' memory, and saves the 4 bytes per parameter of a separate Δ); it is only read.
-
-        Blocking, the report of this step's round. Overlapped (SwarmConfig.overlap), the newest report of a round
-        finished by this call (None on the first call): the round of the previous call, usually; then
-        `start_inner_loop` says where the next inner loop starts. `submit` gives every report."""
-        reports = await self.sequence.submit(local, tokens, delta)
-        return reports[-1] if reports else None
-
-    async def submit(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
-    ) -> list[OuterStepReport]:
-        """Hand over the inner loop's result; the reports of the rounds this call finished (swarm.sequence)."""
-        return await self.sequence.submit(local, tokens, delta)
-
-    async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
-        """Write where the next inner loop starts into `local` (θ, or overlapped, θ plus our share of the round in
-        flight)."""
-        await self.sequence.start_inner_loop(local)
-
-    def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
-        """Between two inner steps, once the round in flight has landed (`shift_ready`): move `local` onto θ, keeping
-        what it trained since it started from our guess (swarm.overlap). True if it moved."""
-        return self.sequence.shift_inner_loop(local)
-
-    @property
-    def shift_ready(self) -> threading.Event:
-        return self.sequence.shift_ready
-
-    async def finish(self) -> OuterStepReport | None:
-        """Wait for the round in flight (overlapped), if any; its report."""
-        return await self.sequence.finish()
-
-    @property
-    def carries_work(self) -> bool:
-        """Whether work of ours waits for a round (see OuterSequence.carries_work): an inner loop called by the
-        round may end before its first step."""
-        return self.sequence.carries_work
-
-    async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
-        """If live peers of the run are ahead of us, take over their θ, momentum and outer step. True if we did."""
-        return await self.sequence.catch_up(timeout_seconds)
-
-    async def join_run(self, timeout_seconds: float = 60.0) -> bool:
-        """On start: take over the run's state if it is ahead, and line up with its next round. True if taken.
-
-        If the others are already forming the round of the step we took over, our first inner loop would arrive too
-        late for it: we wait for that round's result instead, so that our first inner loop starts with theirs.
-        """
-        return await self.sequence.join_run(timeout_seconds)
 
     # ---- the run's state ------------------------------------------------------------------------------------------
 

@@ -37,8 +37,7 @@ from swarm import records
 from swarm.diloco import Swarm, SwarmConfig
 from swarm.local import LocalGroup
 from swarm.node import SwarmNode
-from swarm.report import OuterStepReport
-from swarm.sequence import OuterSequence
+from swarm.sequence import OuterSequence, SequenceMethods
 
 
 def describe_layout(index: int, count: int, full_shapes: Sequence[Sequence[int]]) -> str:
@@ -48,7 +47,7 @@ def describe_layout(index: int, count: int, full_shapes: Sequence[Sequence[int]]
     return f"sharded over {count} workers (this is shard {index}) of a model of {numel:,} parameters [{digest[:8]}]"
 
 
-class ShardedSwarm:
+class ShardedSwarm(SequenceMethods):
     """Worker `local.rank`'s part of a sharded peer. Every worker calls every method, in the same order.
 
     Use `await ShardedSwarm.create(node, shard_params, config, local, full_shapes)` and `await close()`.
@@ -93,46 +92,6 @@ class ShardedSwarm:
         """θ of this worker's shard."""
         return self.swarm.params
 
-    # ---- the outer step (swarm.sequence, with this peer's workers) -------------------------------------------------
-
-    async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
-        """If the run is ahead, every worker takes over its shard of the same newer state, or none does."""
-        return await self.sequence.catch_up(timeout_seconds)
-
-    async def join_run(self, timeout_seconds: float = 60.0) -> bool:
-        """On start: take over the run's state if it is ahead, and line up with its next round. True if taken."""
-        return await self.sequence.join_run(timeout_seconds)
-
-    async def outer_step(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
-    ) -> OuterStepReport | None:
-        """One DiLoCo outer step from this worker's shard after the inner loop; `tokens` is the whole peer's count.
-        `delta`: this shard's Δ = θ - local when the caller computed it. Returns what Swarm.outer_step returns."""
-        reports = await self.sequence.submit(local, tokens, delta)
-        return reports[-1] if reports else None
-
-    async def submit(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
-    ) -> list[OuterStepReport]:
-        return await self.sequence.submit(local, tokens, delta)
-
-    async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
-        await self.sequence.start_inner_loop(local)
-
-    async def finish(self) -> OuterStepReport | None:
-        return await self.sequence.finish()
-
-    def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
-        return self.sequence.shift_inner_loop(local)
-
-    @property
-    def shift_ready(self):
-        return self.sequence.shift_ready
-
-    @property
-    def carries_work(self) -> bool:
-        return self.sequence.carries_work
-
     @property
     def next_round(self) -> int:
         return self.swarm.next_round
@@ -143,16 +102,15 @@ class ShardedSwarm:
         on it with the other workers (peers.sharded)."""
         return self.swarm.round_called
 
-    async def publish_hash(self, report: OuterStepReport) -> None:
-        """Each worker records its shard's hash in its namespace (newcomers check the shards they take against it)."""
-        await self.swarm.publish_hash(report)
-
     async def theta_sha256(self, shard: Sequence[torch.Tensor] | None = None) -> str:
         """The layout-independent hash of the peer's full θ (records.theta_sha256), on every worker; `shard` is this
         worker's copy of its θ shard to hash instead of its live one."""
         params = self.swarm.params
-        read = asyncio.to_thread if shard else self.swarm.reading_state  # θ: whole, not while a round lands
-        rows = await self.local.all_gather(await read(lambda: [records.row_digests(p) for p in (shard or params)]))
+        live = shard is None or shard is params
+        read = self.swarm.reading_state if live else asyncio.to_thread  # θ: whole, not while a round lands
+        rows = await self.local.all_gather(
+            await read(lambda: [records.row_digests(p) for p in (params if live else shard)])
+        )
         return records.theta_sha256([b"".join(worker[i] for worker in rows) for i in range(len(self.swarm.params))])
 
     async def reading_state(self, read, *args):
