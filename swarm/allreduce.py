@@ -45,7 +45,7 @@ from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
 from swarm.flat import all_finite
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
-from swarm.robust import bound_weights, reduce_pass, robust_weights
+from swarm.robust import bound_weights, reduce_pass, robust_weights, sums_in_pass
 from swarm.wire import ByteCounter, ProtocolError, close_writer, read_frame, require, write_frame
 
 logger = logging.getLogger(__name__)
@@ -633,7 +633,15 @@ class Averager:
         by side), and when the judging finds nobody out of line (and no weight to bound) it is the answer, bit for
         bit what the plain reduction returns. Otherwise the sum is taken again with the weights the judging gave."""
         contributions = rnd.contributions
-        weights, caught, summed = await _maybe_in_thread(self._judge, contributions, acc)
+        plain = None
+        if not sums_in_pass(self.codec):  # the judging only reads the contributions: the sum runs on another core
+            plain = asyncio.ensure_future(_maybe_in_thread(self._weighted_mean, contributions, acc))
+        try:
+            weights, caught, summed = await _maybe_in_thread(self._judge, contributions, acc)
+        finally:
+            if plain is not None:
+                await asyncio.wait([plain])  # it writes `acc`: nothing else may until it is done
+        summed = summed or (plain is not None and plain.exception() is None)
         for i, reason in caught.items():
             if i != rnd.group.my_index:  # our own exact part is never garbage; we may be the minority
                 self._catch(rnd.group.peer_ids[i], reason)

@@ -129,6 +129,13 @@ def gram(rows, numel: int | None = None, chunk: int = _CHUNK) -> torch.Tensor:
     return total
 
 
+def sums_in_pass(codec: Codec) -> bool:
+    """Whether `reduce_pass` takes the plain sum in its pass over contributions of `codec` (else the caller does)."""
+    return (
+        isinstance(codec, Blockwise8BitCompression) and _NATIVE_SPAN % codec.block_size == 0 and sqblock() is not None
+    )
+
+
 def reduce_pass(
     codec: Codec,
     values: Sequence[torch.Tensor | bytes | memoryview],
@@ -145,8 +152,7 @@ def reduce_pass(
     no native code, give the Gram matrix from a slice-at-a-time pass and leave the sum to the caller. Never are the
     contributions all decoded at once (that took an extra model-size vector)."""
     n = len(values)
-    native = isinstance(codec, Blockwise8BitCompression) and _NATIVE_SPAN % codec.block_size == 0
-    lib = sqblock() if native and n else None
+    lib = sqblock() if sums_in_pass(codec) and n else None
     total = None
     if lib is not None:
         # Keep every pointer's owner alive until the kernel returns.
@@ -173,21 +179,8 @@ def reduce_pass(
                 # scales): the float64 path below judges such a contribution by its distance like any other.
                 total = None
     if with_gram and total is None:
-        readers = [_slicer(x) if isinstance(x, torch.Tensor) else codec.reader(x, numel) for x in values]
-        total = gram(readers, numel)
+        total = gram([x if isinstance(x, torch.Tensor) else codec.reader(x, numel) for x in values], numel)
     return total, lib is not None and acc is not None
-
-
-def contribution_gram(codec: Codec, values: Sequence[torch.Tensor | bytes | memoryview], numel: int) -> torch.Tensor:
-    """`gram` of contributions as a reducer holds them (see reduce_pass)."""
-    return reduce_pass(codec, values, numel)[0]
-
-
-def _slicer(values: torch.Tensor):
-    def read(start: int, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(values[start : start + out.numel()])
-
-    return read
 
 
 def _distances(g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from swarm.robust import (
     WEIGHT_CAP,
     aggregate,
     bound_weights,
-    contribution_gram,
     gram,
+    reduce_pass,
     robust_weights,
     weighted_sum,
 )
@@ -106,12 +106,12 @@ def test_the_gram_of_payloads_and_tensors_as_a_reducer_holds_them_is_their_decod
     held = [xs[0], *[codec.encode(x) for x in xs[1:]]]  # our own part exact, the others as their payloads
     decoded = torch.stack([xs[0].double(), *[codec.decode(p, numel).double() for p in held[1:]]])
     expected = decoded @ decoded.T
-    got = contribution_gram(codec, held, numel)
+    got = reduce_pass(codec, held, numel)[0]
     assert torch.allclose(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
     assert torch.equal(got, got.T)
     if name != "fp16":  # finite values whose products overflow float32 (fp16 saturates them on the wire)
         held[2] = codec.encode(torch.full((numel,), 1e30))
-        got = contribution_gram(codec, held, numel)
+        got = reduce_pass(codec, held, numel)[0]
         assert bool(torch.isfinite(got).all()) and math.isclose(float(got[2, 2]), numel * 1e60, rel_tol=1e-2)
 
 
