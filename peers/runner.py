@@ -290,7 +290,10 @@ class Peer:
         facts["wait_seconds"] = round(wait, 4)
         facts.update(self._throughput_facts(result))
         record = self._record(result, report, facts)
-        self._save_checkpoint()
+        if self.checkpointer is not None:
+            # Under the state lock, in a thread: a round landing in the background (overlapped) has either changed θ
+            # already or waits for this checkpoint (before_state_change), never writes θ while it is being read.
+            await self.swarm.reading_state(self._save_checkpoint)
         if self.monitor is not None:
             await self.monitor.observe(record, self._run_facts.tokens)
         self.completed_steps += 1
