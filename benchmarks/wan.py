@@ -41,7 +41,8 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peers.launch import read_metrics, start_bootstrap, start_peer, stop  # noqa: E402
+from peers.launch import read_metrics, run_to_end  # noqa: E402
+from peers.metrics import groups_agree, peer_figures  # noqa: E402
 
 ARMS = ("blocking-equal", "overlap-equal", "blocking-uneven", "overlap-uneven")
 PREFIX = "swan"  # namespace and interface names: swan-hub, swan-n0, ...; veths swan-v0, ...
@@ -128,63 +129,20 @@ def run_arm(opts: dict, arm: str, workdir: str) -> list[list[dict]]:
     rundir = os.path.join(workdir, arm)
     # Node 0 is the bootstrap node (uncapped: it only introduces), nodes 1..k the peers.
     links = Loopback() if opts["rate"] == "none" else Links(k + 1, [None] + [opts["rate"]] * k)
+    args = []
+    for i in range(k):
+        batch = opts["batch_size"] * (opts["slow_factor"] if i in slow else 1)
+        args.append([
+            "--run-id", "wan", "--model", opts["model"], "--seed", "0",
+            "--inner-steps", str(opts["inner_steps"]), "--outer-steps", str(opts["outer_steps"]),
+            "--batch-size", str(batch), "--seq-len", str(opts["seq_len"]),
+            "--compression", opts["compression"], "--min-group-size", "2",
+            "--eval-dataset", "none", "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
+            "--overlap" if mode == "overlap" else "--no-overlap", *opts["peer_args"],
+        ])  # fmt: skip
     with links:
-        boot = start_bootstrap(rundir, "--run-id", "wan", host=f"/ip4/{links.address(0)}/tcp/0", prefix=links.prefix(0))
-        procs = []
-        try:
-            for i in range(k):
-                batch = opts["batch_size"] * (opts["slow_factor"] if i in slow else 1)
-                args = [
-                    "--run-id", "wan", "--model", opts["model"], "--seed", "0",
-                    "--inner-steps", str(opts["inner_steps"]), "--outer-steps", str(opts["outer_steps"]),
-                    "--batch-size", str(batch), "--seq-len", str(opts["seq_len"]),
-                    "--compression", opts["compression"], "--min-group-size", "2",
-                    "--eval-dataset", "none", "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
-                    "--overlap" if mode == "overlap" else "--no-overlap", *opts["peer_args"],
-                ]  # fmt: skip
-                host = f"/ip4/{links.address(i + 1)}/tcp/0"
-                procs.append(start_peer(rundir, f"peer{i}", boot.maddrs, *args, host=host, prefix=links.prefix(i + 1)))
-            deadline = time.monotonic() + opts["timeout"]
-            for p in procs:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            if any(p.returncode for p in procs):
-                raise RuntimeError(f"{arm}: peers exited with {[p.returncode for p in procs]}; see {rundir}")
-        finally:
-            for p in procs:
-                stop(p)
-            stop(boot.process)
+        run_to_end(rundir, args, opts["timeout"], place=lambda i: (f"/ip4/{links.address(i)}/tcp/0", links.prefix(i)))
     return [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(k)]
-
-
-def peer_figures(records: list[dict]) -> dict:
-    """Steady-state figures of one peer (records 3 to n-1: start-up and the final drain left out)."""
-    steady = list(range(2, len(records) - 1))
-    wall = sum(records[i]["time"] - records[i - 1]["time"] for i in steady)
-    compute = sum(records[i]["compute_seconds"] for i in steady)
-    tokens = sum(records[i]["tokens"] for i in steady)
-    return {
-        "utilization": compute / wall if wall else float("nan"),
-        "tokens_per_second": tokens / wall if wall else float("nan"),
-        "wait_seconds": statistics.mean(records[i].get("wait_seconds", 0.0) for i in steady) if steady else 0.0,
-        "inner_steps": statistics.mean(r.get("inner_steps", 0) for r in records),
-        "statuses": dict(collections.Counter(r["status"] for r in records)),
-        "group_sizes": dict(collections.Counter(r["group_size"] for r in records)),
-        "bytes_per_token": sum(r["bytes_sent"] for r in records) / max(1, sum(r["tokens"] for r in records)),
-        "step_seconds": wall / len(steady) if steady else float("nan"),
-        "bytes_per_round": statistics.mean(r["bytes_sent"] for r in records if r["group_size"] > 1)
-        if any(r["group_size"] > 1 for r in records)
-        else float("nan"),
-    }
-
-
-def groups_agree(peers: list[list[dict]]) -> bool:
-    """Within every group (same outer step and group id), every member recorded the same θ hash."""
-    seen: dict[tuple, set] = collections.defaultdict(set)
-    for records in peers:
-        for r in records:
-            if r["group"]:
-                seen[(r["outer_step"], r["group"])].add(r["params_sha256"])
-    return all(len(h) == 1 for h in seen.values())
 
 
 def loss_curve(peers: list[list[dict]]) -> list[tuple[int, float]]:

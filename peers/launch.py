@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -80,15 +81,26 @@ def start_peer(
     return process
 
 
-def run_to_end(workdir: str, peer_args: list[list[str]], timeout: float) -> None:
-    """A bootstrap node and one `swarm-peer` per argument list (logs {workdir}/peer{i}.log), until every peer exits;
-    raises if one fails. Benchmarks give each peer `--outer-steps`, so the run ends by itself."""
-    boot = start_bootstrap(workdir)
+def run_to_end(
+    workdir: str,
+    peer_args: list[list[str]],
+    timeout: float,
+    place: Callable[[int], tuple[str, tuple[str, ...]]] | None = None,
+) -> None:
+    """A bootstrap node and one `swarm-peer` per argument list (logs {workdir}/peer{i}.log), until every peer exits,
+    within `timeout` seconds in all; raises if one fails. Benchmarks give each peer `--outer-steps`, so the run ends
+    by itself. `place(n)` gives node n's host address and command prefix (see start_bootstrap; node 0 is the
+    bootstrap node, node i + 1 peer i): loopback by default."""
+    place = place or (lambda n: (LOOPBACK, ()))
+    host, prefix = place(0)
+    boot = start_bootstrap(workdir, host=host, prefix=prefix)
+    deadline = time.monotonic() + timeout
     procs = []
     try:
         for i, args in enumerate(peer_args):
-            procs.append(start_peer(workdir, f"peer{i}", boot.maddrs, *args))
-        codes = [p.wait(timeout=timeout) for p in procs]
+            host, prefix = place(i + 1)
+            procs.append(start_peer(workdir, f"peer{i}", boot.maddrs, *args, host=host, prefix=prefix))
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
         if any(codes):
             raise RuntimeError(f"peers exited with {codes}; see {workdir}")
     finally:

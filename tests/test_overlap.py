@@ -167,9 +167,11 @@ class SlowReducer(Averager):
     def __init__(self, base: Averager, step_of, slow_step: int, seconds: float):
         super().__init__(base.node, base.run_id, base.codec, base.timeout_seconds)
         self.step_of, self.slow_step, self.seconds = step_of, slow_step, seconds
+        self.delaying = asyncio.Event()  # set once the slow round has reached its reduction
 
     async def _reduce(self, rnd) -> None:
         if self.step_of() == self.slow_step:
+            self.delaying.set()
             await asyncio.sleep(self.seconds)
         await super()._reduce(rnd)
 
@@ -189,8 +191,8 @@ async def test_newcomer_arriving_while_an_allreduce_is_in_flight_lands_on_the_ru
                 await asyncio.gather(*[s.submit(loc, 100) for s, loc in zip(swarms, locals_)])
                 for i, s in enumerate(swarms):
                     await s.start_inner_loop(starts[i])
-            # Round 1 is in flight (for 4 s): a newcomer joins now.
-            await asyncio.sleep(0.5)
+            # Round 1 is in flight (its reduction held for 4 s): a newcomer joins now.
+            await asyncio.wait_for(slow.averager.delaying.wait(), 30)
             async with running_swarms(nodes[2:], make_params(seed=5), lambda i: overlapped()) as (newcomer,):
                 assert await newcomer.join_run()
                 done = await asyncio.gather(*[s.finish() for s in swarms])
@@ -298,28 +300,22 @@ def test_three_swarm_peers_one_four_times_slower_overlapped(tmp_path):
     """The programs, as a reviewer runs them: three `swarm-peer --overlap`, one with 4x the batch (each of its inner
     steps about 4x longer). The fast peers' time between records is mostly compute, every group agrees on θ, and
     the slow peer's work is averaged in, with fewer inner steps per outer step."""
-    from benchmarks.wan import groups_agree, peer_figures
-    from peers.launch import read_metrics, start_bootstrap, start_peer, stop
+    from peers.launch import read_metrics, run_to_end
+    from peers.metrics import groups_agree, peer_figures
 
-    boot = start_bootstrap(str(tmp_path), "--run-id", "uneven")
-    peers = []
+    args = [
+        # --min-group-size 3: the run is of all three from its first round. Otherwise the fast peers, a second ahead
+        # at start, average two rounds on their own, the slow one joins two steps behind and its last two rounds,
+        # after they have left, are alone (its inner steps take 0.1 s here).
+        ["--run-id", "uneven", "--outer-steps", "6", "--overlap", "--min-group-size", "3",
+         "--inner-steps", "40", "--batch-size", str(batch), "--seq-len", "64", "--eval-dataset", "none",
+         "--metrics-file", str(tmp_path / f"p{i}.jsonl")]
+        for i, batch in enumerate([4, 4, 16])
+    ]  # fmt: skip
     try:
-        for i, batch in enumerate([4, 4, 16]):
-            peers.append(start_peer(
-                # --min-group-size 3: the run is of all three from its first round. Otherwise the fast peers, a
-                # second ahead at start, average two rounds on their own, the slow one joins two steps behind and
-                # its last two rounds, after they have left, are alone (its inner steps take 0.1 s here).
-                str(tmp_path), f"p{i}", boot.maddrs, "--run-id", "uneven", "--outer-steps", "6", "--overlap",
-                "--min-group-size", "3",
-                "--inner-steps", "40", "--batch-size", str(batch), "--seq-len", "64", "--eval-dataset", "none",
-                "--metrics-file", str(tmp_path / f"p{i}.jsonl"),
-            ))  # fmt: skip
-        codes = [p.wait(timeout=200) for p in peers]
-        assert codes == [0, 0, 0], [(tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(3)]
-    finally:
-        for p in peers:
-            stop(p)
-        stop(boot.process)
+        run_to_end(str(tmp_path), args, timeout=200)
+    except RuntimeError as e:
+        pytest.fail(f"{e}: {[(tmp_path / f'peer{i}.log').read_text()[-3000:] for i in range(3)]}")
     records = [read_metrics(str(tmp_path / f"p{i}.jsonl")) for i in range(3)]
     assert [len(r) for r in records] == [6, 6, 6]
     assert groups_agree(records)
