@@ -35,8 +35,8 @@ PLAIN_ATTACKS = ["scaled by 1e4", "weight inflated 1e6x", "random, 100x the norm
 async def contributor_attack(honest: int, hostile: int, attack: str, robust_on: bool) -> tuple[float, bool, str]:
     applied, wanted, swarms, attackers = await robust._hostile_round(honest, hostile, attack, robust=robust_on)
     caught = sum(peer in s.averager.caught for s in swarms for peer in attackers)
-    identical = len({tuple(float(p.sum()) for p in s.params) for s in swarms}) == 1
-    return robust.moved(applied, wanted), identical, f"{caught}/{len(swarms) * len(attackers)}"
+    # _hostile_round fails unless the honest members' θ hashes are equal: reaching here means they were.
+    return robust.moved(applied, wanted), True, f"{caught}/{len(swarms) * len(attackers)}"
 
 
 async def lying_reducers(honest: int, lies: list[str]) -> tuple[float, bool, str]:

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from peers.data import TokenBatcher, load_text_dataset
-from peers.device import configure, resolve
-from peers.inner import InnerConfig, InnerLoop
-from peers.model import ByteTokenizer, load_model
-from peers.prefetch import Prefetcher
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from peers.data import TokenBatcher, load_text_dataset  # noqa: E402
+from peers.device import configure, resolve  # noqa: E402
+from peers.inner import InnerConfig, InnerLoop  # noqa: E402
+from peers.model import ByteTokenizer, load_model  # noqa: E402
+from peers.prefetch import Prefetcher  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

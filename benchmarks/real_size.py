@@ -108,6 +108,7 @@ def main() -> None:
 
         watch = MemoryWatch()
         boot = start_bootstrap(workdir)
+        deadline = time.monotonic() + args.timeout
         procs, newcomer, newcomer_started = [], None, None
         try:
             for name in ("peer0", "peer1"):
@@ -117,10 +118,7 @@ def main() -> None:
                 wait_for(lambda: len(read_metrics(first)) >= args.newcomer_after, args.timeout, "the first steps")
                 newcomer_started = time.time()
                 newcomer = start_peer(workdir, "newcomer", boot.maddrs, *peer_args("newcomer", None))
-            codes = []
-            for p in procs:
-                remaining = max(1.0, args.timeout - (time.time() - (newcomer_started or time.time())))
-                codes.append(p.wait(timeout=remaining))
+            codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
             newcomer_code = None if newcomer is None else stop(newcomer, timeout=300)
         finally:
             for p in procs + ([newcomer] if newcomer is not None else []):
