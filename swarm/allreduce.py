@@ -523,6 +523,8 @@ class Averager:
             }
             await write_frame(writer, header, payload, rnd.counter)
             reply, averaged = await read_frame(reader, rnd.counter)
+        except direct.NotAMember as e:
+            raise _MemberLost(index, f"{peer} is not averaging in this group (it never learned of it)") from e
         except _LOST as e:
             raise _MemberLost(index, f"lost contact with {peer}: {e!r}") from e
         except ProtocolError as e:
@@ -568,10 +570,12 @@ class Averager:
             try:
                 secret = self.node.access.direct_secret(self.direct_key.pair_secret(group.secret, key))
                 opened = await direct.connect(
-                    endpoints, group.group_id, group.my_index, index, secret, min(5.0, self.timeout_seconds)
+                    endpoints, group.group_id, group.my_index, index, secret, min(5.0, self.timeout_seconds), key
                 )
                 self.streams["direct"] += 1
                 return opened
+            except direct.NotAMember:
+                raise  # it answered: reachable, just not in this group
             except (ConnectionError, OSError, ValueError) as e:  # ValueError: a key no secret can be made with
                 self._unreachable.add(peer)  # behind a NAT or a firewall: no use trying every round
                 logger.info(f"cannot reach {peer} directly ({e}); its all-reduce bytes go through the p2p daemons")
@@ -682,9 +686,18 @@ class Averager:
 
     async def _handle_direct(self, group_id: bytes, sender: int, mac: bytes, reader, writer) -> None:
         """A direct connection that introduced itself as member `sender` of group `group_id`: check, then serve."""
-        # Its sender may have left matchmaking a moment before us; an unknown group is not kept for long.
+        # Its sender may have left matchmaking a moment before us; an unknown group is not kept for long. Until we
+        # know it, the sender hears that we are here (and who: our key), then whether we ever learned of it, as a
+        # relayed part does (_serve_part).
         rnd = self._round(group_id)
-        await asyncio.wait_for(rnd.configured.wait(), min(HELLO_TIMEOUT, self.timeout_seconds))
+        if not rnd.configured.is_set():
+            await write_frame(writer, {"type": "pending", "key": self.direct_key.public})
+            try:
+                await asyncio.wait_for(rnd.configured.wait(), min(HELLO_TIMEOUT, self.timeout_seconds))
+            except asyncio.TimeoutError:
+                logger.info(f"member {sender} of group {group_id.hex()}, which this peer is not averaging in, called")
+                await write_frame(writer, {"type": "not-a-member", "group_id": group_id})
+                return
         group = rnd.group
         if not group.secret or not 0 <= sender < group.size or sender == group.my_index:
             raise ProtocolError(f"no direct data plane in group {group_id.hex()} for member {sender}")

@@ -14,6 +14,12 @@ else is closed. The welcome matters: an announced address may lead to another ma
 seen from elsewhere), and then nothing is sent there. If no endpoint welcomes us (NAT, firewall), the member falls
 back to the relayed libp2p stream, and does not try that peer directly again.
 
+A reducer that does not know the group yet (its sender left matchmaking a moment before it) answers at once
+{"type": "pending", "key": its direct public key}, then "welcome" once it learns of the group, or, after the grace a
+late member gets (HELLO_TIMEOUT, the same as on a relayed stream), {"type": "not-a-member"}: it never learned of the
+group, so it is lost to this round and alive for the next (NotAMember), not unreachable. The key in "pending" tells
+the peer we meant from another machine at the same address, which is skipped at once.
+
 The MAC proves membership of the group, not which member: a member could open a connection in another member's name.
 It gains nothing it could not do with its own contribution, and a duplicate part fails the round for everyone.
 """
@@ -34,7 +40,15 @@ from swarm.wire import ProtocolError, close_writer, read_frame, require, write_f
 logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+"""How long a reducer waits to learn of the group a part or a direct hello names (its sender may have left
+matchmaking a moment before it) before answering that it is not a member."""
 WELCOME_TIMEOUT = 2.0
+"""How long a member waits for the first answer to its hello: "welcome", or "pending" while the reducer waits for the
+group. Silence means the address leads somewhere else."""
+
+
+class NotAMember(Exception):
+    """The reducer answered, directly, that it never learned of the group: lost to this round, not unreachable."""
 
 
 class DirectKey:
@@ -191,9 +205,11 @@ class DirectServer:
 
 
 async def connect(
-    endpoints, group_id: bytes, sender: int, receiver: int, secret: bytes, timeout: float
+    endpoints, group_id: bytes, sender: int, receiver: int, secret: bytes, timeout: float, their_key: bytes = b""
 ) -> tuple[SocketStream, SocketStream]:
-    """Open a direct connection to the first reachable endpoint and introduce ourselves. Raises ConnectionError."""
+    """Open a direct connection to the first reachable endpoint and introduce ourselves. `their_key` is the direct
+    public key the receiver announced. Raises ConnectionError, or NotAMember when the receiver says it never learned
+    of the group."""
     errors = []
     loop = asyncio.get_running_loop()
     # Loopback last: from another machine it leads to the wrong host (harmless, thanks to the welcome, but slower).
@@ -212,6 +228,14 @@ async def connect(
         try:
             await write_frame(stream, {"type": "hello", "group_id": group_id, "sender": sender, "mac": mac})
             answer, _ = await asyncio.wait_for(read_frame(stream, max_payload=0), WELCOME_TIMEOUT)
+            if answer.get("type") == "pending":
+                if their_key and answer.get("key") != their_key:
+                    raise ProtocolError("another peer answers at this address")
+                # It waits for the group up to HELLO_TIMEOUT, then says whether it learned of it.
+                answer, _ = await asyncio.wait_for(read_frame(stream, max_payload=0), HELLO_TIMEOUT + WELCOME_TIMEOUT)
+                if answer.get("type") == "not-a-member":
+                    stream.close()
+                    raise NotAMember(f"{host}:{port} never learned of group {group_id.hex()}")
             if answer.get("type") != "welcome":
                 raise ProtocolError(f"not welcomed: {answer.get('type')!r}")
         except (OSError, EOFError, ProtocolError, asyncio.TimeoutError) as e:

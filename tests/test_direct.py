@@ -3,11 +3,12 @@ replaced by the relayed libp2p streams when a member cannot be reached directly.
 
 import asyncio
 import socket
+import time
 
 import pytest
 import torch
 
-from swarm.direct import group_mac
+from swarm.direct import HELLO_TIMEOUT, group_mac
 from swarm.matchmaking import Group
 from swarm.wire import write_frame
 from tests.conftest import swarm_of
@@ -43,15 +44,17 @@ async def test_members_that_reach_each_other_average_over_direct_connections():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("endpoint", ["closed", "someone else"])
+@pytest.mark.parametrize("endpoint", ["closed", "someone else", "another peer"])
 async def test_a_member_without_a_reachable_endpoint_is_reached_through_the_daemons(endpoint):
     received = []
 
     async def stranger(reader, writer):  # another program on the announced address: it never welcomes us
+        if endpoint == "another peer":  # a peer that knows no such group either: it would wait for it, then say so
+            await write_frame(writer, {"type": "pending", "key": b"k" * 32})
         received.append(await reader.read(1 << 20))
 
     server = await asyncio.start_server(stranger, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1] if endpoint == "someone else" else closed_port()
+    port = closed_port() if endpoint == "closed" else server.sockets[0].getsockname()[1]
     try:
         async with swarm_of(3) as (_, nodes):
             theta = make_params()
@@ -59,7 +62,10 @@ async def test_a_member_without_a_reachable_endpoint_is_reached_through_the_daem
                 # Peer 2 announces an address where it cannot be reached (a NAT, a private address seen from
                 # elsewhere): the others fall back to the daemons for it, and send the stranger nothing but a hello.
                 swarms[2].matchmaker.direct_endpoints = [("127.0.0.1", port)]
+                started = time.monotonic()
                 await one_step(swarms, theta)
+                # Not the wait for a group the peer there will never learn of: its key says it is not peer 2.
+                assert time.monotonic() - started < HELLO_TIMEOUT
                 assert swarms[0].averager.streams == {"direct": 1, "relayed": 1}
                 assert swarms[2].averager.streams == {"direct": 2, "relayed": 0}
                 assert all(len(data) < 200 for data in received)

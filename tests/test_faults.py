@@ -152,6 +152,41 @@ async def test_a_member_that_never_learned_of_its_group_fails_the_round_within_t
                 await swarm.close()
 
 
+@pytest.mark.timeout(90)
+async def test_over_the_direct_plane_a_member_that_never_learned_of_its_group_is_lost_not_unreachable():
+    """The same, when the part goes over the direct data plane: the reducer says at once that it is there and
+    waiting for the group, then that it never learned of it. The round fails within the grace, naming that member,
+    and the member stays reachable directly: the next round still sends it its part without the relay."""
+    async with swarm_of(2) as (_, nodes):
+        swarms = [await Swarm.create(node, make_params(), config()) for node in nodes]
+        try:
+            averagers = [s.averager for s in swarms]
+            assert all(a.direct_endpoints for a in averagers)
+            peers = tuple(sorted((n.peer_id for n in nodes), key=lambda p: p.to_bytes()))
+            direct = {n.peer_id: a.direct_endpoints for n, a in zip(nodes, averagers)}
+            keys = {n.peer_id: a.direct_public_key() for n, a in zip(nodes, averagers)}
+            me = peers.index(nodes[0].peer_id)
+            group = Group(os.urandom(16), 0, peers, me, secret=os.urandom(32), direct=direct, keys=keys)
+            averagers[0].timeout_seconds = 120
+            started = time.monotonic()
+            with pytest.raises(AllReduceError, match="never learned of it") as failed:
+                await averagers[0].all_reduce(group, torch.ones(1000), 1.0)
+            assert time.monotonic() - started < HELLO_TIMEOUT + 1.5  # the grace, not a relayed retry after it
+            assert failed.value.suspects == {nodes[1].peer_id}
+            assert averagers[0].streams == {"direct": 0, "relayed": 0}  # it answered directly: nothing relayed
+            # Both members of the next group: the part goes directly to the peer that knew nothing of the last one.
+            group_id, secret = os.urandom(16), os.urandom(32)
+            groups = [Group(group_id, 1, peers, peers.index(n.peer_id), secret, direct, keys=keys) for n in nodes]
+            values = [torch.full((1000,), float(i)) for i in range(2)]
+            results = await asyncio.gather(*[a.all_reduce(g, v, 1.0) for a, g, v in zip(averagers, groups, values)])
+            for result in results:
+                assert torch.allclose(result.averaged, torch.full((1000,), 0.5), atol=0.01)
+            assert averagers[0].streams == {"direct": 1, "relayed": 0}
+        finally:
+            for swarm in swarms:
+                await swarm.close()
+
+
 class FaultyDonor(StateServer):
     """A state donor with a declared fault: it dies after `serve` requests, or corrupts every chunk it sends."""
 
