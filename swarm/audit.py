@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.codec import Blockwise8BitCompression, Codec
+from swarm.codec import Codec
 from swarm.native import sqblock
 from swarm.robust import WEIGHT_CAP
 
@@ -101,11 +101,11 @@ def decode_with_figures(
     our contribution to it: each part judged as it arrives, in the time spent waiting for the others. int8 in one
     native pass (swarm/native: the products taken while the decoded values are in registers, 40% less CPU than
     decoding then multiplying)."""
-    lib = sqblock() if isinstance(codec, Blockwise8BitCompression) and own.is_contiguous() else None
+    lib = sqblock() if codec.sqblock_block is not None and own.is_contiguous() else None
     if lib is None:
         values = codec.decode_into(payload, out)
         return values, figures(values, own)
-    bs, absmax, codes = codec._parts(payload, out.numel())
+    bs, absmax, codes = codec.sqblock_parts(payload, out.numel())
     dots = (ctypes.c_double * 3)()
     numel = out.numel()
     lib.sqblock_decode_dots(codes.ctypes.data, absmax.ctypes.data, numel, bs, own.data_ptr(), out.data_ptr(), dots)

@@ -35,6 +35,9 @@ class Codec(abc.ABC):
     version: int
     decodes_finite: bool = False
     """Whether every payload that decodes without a CodecError decodes to finite values (no check needed)."""
+    sqblock_block: int | None = None
+    """The block size if this codec's payloads are in the layout swarm/native's kernels read (int8's square-law codes,
+    one float32 absmax per block; `sqblock_parts`), which judging and auditing then use; None if they are not."""
 
     @property
     def tag(self) -> str:
@@ -71,6 +74,11 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def encoded_size(self, numel: int) -> int:
         """Bytes that `encode` produces for `numel` elements."""
+
+    def sqblock_parts(self, payload: bytes | memoryview, numel: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(block size, float32 scales, int8 codes) of a payload in the native kernels' layout, checked (CodecError);
+        only for codecs with a `sqblock_block`."""
+        raise NotImplementedError(f"{self.tag} payloads are not in the native kernels' layout")
 
     @abc.abstractmethod
     def reader(self, payload: bytes | memoryview, numel: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -175,7 +183,7 @@ class Blockwise8BitCompression(Codec):
     def __init__(self, block_size: int = 256):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        self.block_size = block_size
+        self.block_size = self.sqblock_block = block_size
 
     def _n_blocks(self, numel: int) -> int:
         return -(-numel // self.block_size)
@@ -230,7 +238,7 @@ class Blockwise8BitCompression(Codec):
     def check_finite(self, payload, numel: int) -> torch.Tensor | None:
         if sqblock() is None:
             return super().check_finite(payload, numel)
-        self._parts(payload, numel)  # every level times a finite scale below the bound is finite: no decoding
+        self.sqblock_parts(payload, numel)  # every level times a finite scale below the bound is finite: no decoding
         return None
 
     def accumulate(self, payload, acc: torch.Tensor, alpha: float) -> None:
@@ -238,10 +246,10 @@ class Blockwise8BitCompression(Codec):
         if lib is None:
             super().accumulate(payload, acc, alpha)
             return
-        bs, absmax, codes = self._parts(payload, acc.numel())
+        bs, absmax, codes = self.sqblock_parts(payload, acc.numel())
         lib.sqblock_accumulate(codes.ctypes.data, absmax.ctypes.data, acc.numel(), bs, alpha, acc.data_ptr())
 
-    def _parts(self, payload, numel: int):
+    def sqblock_parts(self, payload, numel: int):
         """(block size, scales, codes) of a payload, checked: right size and block size, finite scales, codes in
         -127..127 (so that it decodes to finite values)."""
         expected = self.encoded_size(numel)
@@ -264,11 +272,11 @@ class Blockwise8BitCompression(Codec):
         return bs, absmax, codes
 
     def decode_into(self, payload, out: torch.Tensor, native: bool = True) -> torch.Tensor:
-        bs, absmax, codes = self._parts(payload, out.numel())
+        bs, absmax, codes = self.sqblock_parts(payload, out.numel())
         return self._decode_parts(bs, absmax, codes, out, native)
 
     def reader(self, payload, numel: int):
-        bs, absmax, codes = self._parts(payload, numel)
+        bs, absmax, codes = self.sqblock_parts(payload, numel)
 
         def read(start: int, out: torch.Tensor) -> torch.Tensor:
             stop = start + out.numel()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.codec import Blockwise8BitCompression, Codec
+from swarm.codec import Codec
 from swarm.native import sqblock
 
 WEIGHT_CAP = 2.0
@@ -131,9 +131,8 @@ def gram(rows, numel: int | None = None, chunk: int = _CHUNK) -> torch.Tensor:
 
 def sums_in_pass(codec: Codec) -> bool:
     """Whether `reduce_pass` takes the plain sum in its pass over contributions of `codec` (else the caller does)."""
-    return (
-        isinstance(codec, Blockwise8BitCompression) and _NATIVE_SPAN % codec.block_size == 0 and sqblock() is not None
-    )
+    block = codec.sqblock_block
+    return block is not None and _NATIVE_SPAN % block == 0 and sqblock() is not None
 
 
 def reduce_pass(
@@ -147,16 +146,17 @@ def reduce_pass(
     """A reducer's pass over the contributions to its part, as it holds them (decoded tensors, or payloads of
     `codec` that it checked): (their `gram` if `with_gram`, whether Σ alphas_j x_j was written into `acc`).
 
-    int8 payloads go to one native pass that decodes each slice once for both (swarm/native: the sum takes the same
-    float32 operations as the codec's `accumulate`, with or without the Gram matrix). Other codecs, or where there is
-    no native code, give the Gram matrix from a slice-at-a-time pass and leave the sum to the caller. Never are the
-    contributions all decoded at once (that took an extra model-size vector)."""
+    int8 payloads (a codec with a `sqblock_block`) go to one native pass that decodes each slice once for both
+    (swarm/native: the sum takes the same float32 operations as the codec's `accumulate`, with or without the Gram
+    matrix). Other codecs, or where there is no native code, give the Gram matrix from a slice-at-a-time pass and
+    leave the sum to the caller. Never are the contributions all decoded at once (that took an extra model-size
+    vector)."""
     n = len(values)
     lib = sqblock() if sums_in_pass(codec) and n else None
     total = None
     if lib is not None:
         # Keep every pointer's owner alive until the kernel returns.
-        parts = [None if isinstance(x, torch.Tensor) else codec._parts(x, numel) for x in values]
+        parts = [None if isinstance(x, torch.Tensor) else codec.sqblock_parts(x, numel) for x in values]
         dense = [x.contiguous() if isinstance(x, torch.Tensor) else None for x in values]
         pointers = ctypes.c_void_p * n
         codes = pointers(*[0 if p is None else p[2].ctypes.data for p in parts])
@@ -166,7 +166,7 @@ def reduce_pass(
         scratch = torch.empty(n * _NATIVE_SPAN) if with_gram else None
         total = torch.zeros(n, n, dtype=torch.float64) if with_gram else None
         lib.sqblock_reduce(
-            n, codes, scales, floats, weights, numel, codec.block_size,
+            n, codes, scales, floats, weights, numel, codec.sqblock_block,
             None if acc is None else acc.data_ptr(),
             None if scratch is None else scratch.data_ptr(),
             None if total is None else total.data_ptr(),

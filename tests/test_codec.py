@@ -63,7 +63,7 @@ def test_a_reader_decodes_any_aligned_slice_to_the_same_bits(name, numel):
         pieces = [read(a, torch.empty(min(step, numel - a))) for a in range(0, numel, step)]
         assert torch.equal(torch.cat(pieces) if pieces else torch.empty(0), whole)
     if name == "int8" and sqblock() is not None:  # the native kernel and numpy agree on slices too
-        bs, absmax, codes = codec._parts(payload, numel)
+        bs, absmax, codes = codec.sqblock_parts(payload, numel)
         n = min(numel, READ_ALIGNMENT + 3)
         piece = codec._decode_parts(bs, absmax[: -(-n // bs)], codes[:n], torch.empty(n), native=False)
         assert torch.equal(piece, whole[:n])
