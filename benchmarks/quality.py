@@ -14,8 +14,8 @@ evaluated on the same held-out batches (the embedded corpus's held-out split) ev
   the algorithm's gap from what the swarm adds to it (compression, grouping);
 - `diloco-overlap` (not run by default): the same, overlapped (swarm.overlap): each replica's next inner loop starts
   from a guess of θ after the round (`--overlap-guess`), and the round lands after `--overlap-landing` of that inner
-  loop (a fraction; 1: only when it ends), when the replica's model shifts onto θ; against `diloco-ideal`, the
-  quality an overlapped swarm gives up for a round that takes that long;
+  loop (a fraction; 1: only when it ends), when the replica's model merges onto θ (`--overlap-share`); against
+  `diloco-ideal`, the quality an overlapped swarm gives up for a round that takes that long;
 - `swarm`: k real `swarm-peer` processes and a bootstrap node on 127.0.0.1, grouped as k every outer step, each
   evaluating the global θ after every outer step (`eval_loss` in its metrics);
 - with `--compression-check`, `swarm-none`: the same with `--compression none`.
@@ -45,10 +45,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from peers.launch import read_metrics, run_to_end  # noqa: E402
 
 ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm", "diloco-ideal", "diloco-overlap")
-GUESSES = ("own", "share", "theta", "last")
+GUESSES = ("own", "eager", "share", "theta", "last")
 """Where an overlapped replica's next inner loop starts: `own` the outer step with its own Δ as the group's mean
-(swarm.overlap, what swarm-peer does); `share` θ plus its own share of the mean (Δ / k, Nesterov's immediate
-coefficient); `theta` θ itself (the naive delayed update); `last` the outer step with the last round's mean."""
+(swarm.overlap, what swarm-peer does); `eager` the outer step with its own fresh share of the mean and the others'
+shares from the last round (the estimate of arXiv 2502.12996's eager updates); `share` θ plus its own share of the
+mean (Δ / k, Nesterov's immediate coefficient); `theta` θ itself (the naive delayed update); `last` the outer step
+with the last round's mean."""
 DEFAULT_ARMS = ("one-peer", "data-parallel", "diloco-m1", "swarm")
 
 
@@ -133,18 +135,19 @@ def run_data_parallel(opts: dict, seed: int, world: int, workdir: str) -> list:
         return [tuple(point) for point in json.load(f)]
 
 
-def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, float] | None = None) -> list:
+def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, float, float | None] | None = None):
     """DiLoCo in one process, without the network: `replicas` inner loops, the exact token-weighted mean of their
     pseudo-gradients, and the outer optimizer (`swarm.outer`). One replica is what a `swarm-peer` that averages alone
     computes; k replicas are the swarm's algorithm without compression, matchmaking or timing.
 
-    `overlap` (guess, landing): overlapped rounds. Each replica's next inner loop starts from its guess of θ after
-    the round (GUESSES); after `landing` of that loop the round lands and the replica's model moves by θ minus its
-    guess; its next Δ is θ minus where the loop ends. θ itself takes every round's exact mean, as blocking."""
+    `overlap` (guess, landing, share): overlapped rounds. Each replica's next inner loop starts from its guess of θ
+    after the round (GUESSES); after `landing` of that loop the round lands and the replica's model merges onto θ
+    (swarm.overlap.merge, with c = `share`, or None: swarm-peer's merge_share); its next Δ is θ minus where the loop
+    ends. θ itself takes every round's exact mean, as blocking."""
     from peers.inner import InnerLoop
     from swarm.flat import difference, flatten, unflatten
     from swarm.outer import OuterOptimizer
-    from swarm.overlap import to_start_point
+    from swarm.overlap import merge, merge_share, to_start_point
 
     workers = [_setup(opts, seed, i) for i in range(replicas)]
     evaluator = workers[0][3]
@@ -153,7 +156,7 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     outer = OuterOptimizer([p.detach().clone() for p in models[0]], **opts["outer"])
     lr, mu = outer.settings()
     h = opts["inner_steps"]
-    shifts, last_mean = [None] * replicas, None
+    shifts, last_mean, last_deltas, theta = [None] * replicas, None, [None] * replicas, None
     curve, tokens = [], 0
     for t in range(opts["outer_steps"]):
         deltas, weights = [], []
@@ -162,9 +165,9 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
             result = inner.run(landing, first_step=t * h)
             taken = result.tokens
             if shift is not None:
-                with torch.no_grad():
-                    for p, e in zip(params, unflatten(shift, outer.params)):
-                        p.add_(e)
+                share = merge_share(landing / h) if overlap[2] is None else overlap[2]
+                for p, q, e in zip(params, unflatten(theta, outer.params), unflatten(shift, outer.params)):
+                    merge(p.data, q, e, share)
                 if h > landing:
                     taken += inner.run(h - landing, first_step=t * h + landing).tokens
             tokens += taken
@@ -173,12 +176,15 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
         mean = sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
         guesses = None
         if overlap is not None and replicas > 1:
-            guesses = [_guess(outer, d, overlap[0], replicas, last_mean, lr, mu, to_start_point) for d in deltas]
+            guesses = [
+                _guess(outer, d, overlap[0], replicas, last_mean, last, lr, mu, to_start_point)
+                for d, last in zip(deltas, last_deltas)
+            ]
         if replicas == 1:  # what a peer that averages alone applies
             outer.step_alone(unflatten(mean, outer.params))
         else:
             outer.step(unflatten(mean, outer.params))
-        last_mean = mean
+        last_mean, last_deltas = mean, deltas
         theta = flatten(outer.params)
         shifts = [None] * replicas if guesses is None else [theta - g for g in guesses]
         with torch.no_grad():
@@ -196,7 +202,7 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     return curve
 
 
-def _guess(outer, delta, kind: str, replicas: int, last_mean, lr: float, mu: float, to_start_point):
+def _guess(outer, delta, kind: str, replicas: int, last_mean, last_delta, lr: float, mu: float, to_start_point):
     """A replica's guess of θ after the round in flight, from θ and the momentum before it (see GUESSES)."""
     from swarm.flat import flatten, unflatten
 
@@ -205,7 +211,10 @@ def _guess(outer, delta, kind: str, replicas: int, last_mean, lr: float, mu: flo
         return theta
     if kind == "share":
         return theta - lr * (1 + mu) / replicas * delta
-    guess = (delta if kind == "own" or last_mean is None else last_mean).clone()
+    if kind == "eager" and last_mean is not None:
+        guess = last_mean + (delta - last_delta) / replicas  # equal weights here: every replica trains H steps
+    else:
+        guess = (delta if kind in ("own", "eager") or last_mean is None else last_mean).clone()
     for i, seg in enumerate(unflatten(guess, outer.params)):
         to_start_point(outer, i, seg, alone=False)
     return guess
@@ -298,6 +307,12 @@ def _mean_curve(curves: list[list]) -> list:
     default=0.25,
     help="diloco-overlap: the share of the next inner loop after which the round lands (1: at its end).",
 )
+@click.option(
+    "--overlap-share",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="diloco-overlap: c of the merge onto θ when the round lands (1: shift all the way; default: swarm-peer's).",
+)
 def main(**opts) -> None:
     total = opts["outer_steps"] * opts["inner_steps"]
     opts["warmup_steps"] = round(0.05 * total) if opts["warmup_steps"] is None else opts["warmup_steps"]
@@ -314,7 +329,7 @@ def main(**opts) -> None:
     if unknown:
         raise click.BadParameter(f"unknown arms {sorted(unknown)}", param_hint="'--arms'")
     extra = shlex.split(opts.pop("peer_args"))
-    overlap = (opts.pop("overlap_guess"), opts.pop("overlap_landing"))
+    overlap = (opts.pop("overlap_guess"), opts.pop("overlap_landing"), opts.pop("overlap_share"))
     if opts.pop("compression_check"):
         arms.append("swarm-none")
     workdir = tempfile.mkdtemp(prefix="swarm-quality-")
@@ -384,7 +399,8 @@ def main(**opts) -> None:
         print(f"DiLoCo M=1 vs plain AdamW: {100 * (final['diloco-m1'] / final['one-peer'] - 1):+.2f}%")
     if {"diloco-overlap", "diloco-ideal"} <= final.keys():
         change = 100 * (final["diloco-overlap"] / final["diloco-ideal"] - 1)
-        how = f"{overlap[0]} guess, landing after {overlap[1]:g} of the next inner loop"
+        share = "swarm-peer's merge" if overlap[2] is None else f"merge share {overlap[2]:g}"
+        how = f"{overlap[0]} guess, landing after {overlap[1]:g} of the next inner loop, {share}"
         print(f"overlapped ({how}) vs blocking: {change:+.2f}%")
     if {"swarm", "swarm-none"} <= final.keys():
         codec = extra[extra.index("--compression") + 1] if "--compression" in extra else "int8"

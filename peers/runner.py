@@ -111,6 +111,7 @@ class Peer:
         self._model_facts = model_facts(self.loaded, config.model, config.seed)  # full shapes: before any sharding
         self._run_facts = RunFacts()
         self._unsaved = True  # something a checkpoint would hold changed since the last one was started
+        self._loop_steps = 0  # inner steps taken in the loop under way: how far in a landing round finds it
         self._checkpoint_holds_model = False  # the checkpoint in flight holds the model's own parameters
         self._peak_flops = devices.peak_bf16_flops(self.device)
         self._params = sum(p.numel() for p in self.model.parameters())
@@ -350,6 +351,7 @@ class Peer:
 
         def on_step(loss: torch.Tensor, tokens: int) -> None:
             seen["tokens"] += tokens
+            self._loop_steps += 1
             bar.update(1)
             now = time.perf_counter()
             if bar.disable or now - seen["shown"] < 1.0:
@@ -360,7 +362,7 @@ class Peer:
 
         # The round this loop feeds: overlapped, the previous one may still be in flight, θ one step behind.
         first_step = self.swarm.next_round * self.config.inner_steps
-        self._model_step, self._unsaved = None, True
+        self._model_step, self._unsaved, self._loop_steps = None, True, 0
         wait = self._wait_for_checkpoint if self.checkpointer is not None else None
         flags = (self._stop_flag(), on_step, first_step, self._called_flag(), self.swarm.carries_work)
         result = self.inner.run(self.config.inner_steps, *flags, before_step=self._before_step, before_update=wait)
@@ -368,9 +370,10 @@ class Peer:
         return result
 
     def _before_step(self) -> None:
-        """Overlapped: once the round in flight has landed, the model moves onto its θ (see swarm.overlap)."""
+        """Overlapped: once the round in flight has landed, the model merges onto its θ, by how much of the inner
+        loop it has trained since (see swarm.overlap)."""
         if self._shift_due():
-            self.swarm.shift_inner_loop(self._local_params())
+            self.swarm.shift_inner_loop(self._local_params(), self._loop_steps / self.config.inner_steps)
 
     def _shift_due(self) -> bool:
         return self.swarm.shift_ready.is_set()

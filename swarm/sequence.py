@@ -12,9 +12,9 @@ Blocking (`SwarmConfig.overlap` off), the round runs before `submit` returns, an
 new θ. Overlapped, the round runs in the background while the next inner loop trains: `submit` waits for the round
 of the previous call (usually long done: the wait is the only communication time the compute sees), launches this
 one, and `start_inner_loop` writes where the next inner loop starts (swarm.overlap: our guess of θ after the round in
-flight; `shift_inner_loop` moves the inner loop onto the real θ once the round lands). The shared state stays θ:
+flight; `shift_inner_loop` merges the inner loop onto the real θ once the round lands). The shared state stays θ:
 every member of a group applies the same average to the same θ, so θ is bit-identical across the group, and θ is what
-hashes, state transfer and checkpoints carry. The guess and the shift are local and go nowhere.
+hashes, state transfer and checkpoints carry. The guess and the merge are local and go nowhere.
 
 Work that no round applied is never lost and never applied in part: a failed round applies nothing, and its
 pseudo-gradient goes into the next contribution with its tokens; so does the work of a peer that finds the run one
@@ -37,7 +37,7 @@ import torch
 
 from swarm.allreduce import AllReduceError
 from swarm.flat import all_finite, difference, unflatten
-from swarm.overlap import to_start_point
+from swarm.overlap import merge, merge_share, to_start_point
 from swarm.report import OuterStepReport, StepStatus
 from swarm.wire import ProtocolError
 
@@ -63,8 +63,8 @@ class _Work:
     `state`:
     - "flight": `vector` is the pseudo-gradient the round in flight averages; the inner loop started from the guess
       swarm.overlap makes from it (θ and the momentum are still those it was launched against);
-    - "landed": the round was applied; `vector` is θ after it minus the guess, the shift the inner loop takes between
-      two steps (`shifted` once it did) so that it continues from θ;
+    - "landed": the round was applied; `vector` is θ after it minus the guess, the shift with which the inner loop
+      merges onto θ between two steps (swarm.overlap.merge; `shifted` once it did);
     - "carried": no round took the pseudo-gradient in `vector` (a failed round, or one that went ahead without us); it
       goes into the next contribution, and the inner loop started from the guess (or from θ if `alone` is None).
     """
@@ -75,6 +75,8 @@ class _Work:
     alone: bool | None
     """How the inner loop's start point was guessed (swarm.overlap.to_start_point); None: it started from θ."""
     shifted: bool = False
+    landed_alone: bool = False
+    """The round applied our own Δ (nobody to average with): θ is our own inner result, which the guess foresaw."""
 
     @property
     def tokens_carried(self) -> int:
@@ -267,25 +269,26 @@ class OuterSequence:
             return (difference(params, local), True, tokens) if delta is None else (delta, False, tokens)
         segments = unflatten(work.vector, params)
         given = None if delta is None else unflatten(delta, params)
+        share = self._merge_share(work, 1.0)  # a round that landed only now merges as if at the loop's end
         for i, (seg, x) in enumerate(zip(segments, local, strict=True)):
             theta = params[i].reshape(seg.shape)
             if given is not None:  # the caller's θ − where the loop ended
                 ended = given[i].reshape(seg.shape)
                 if work.state == "landed" and work.shifted:
                     seg.copy_(ended)
-                elif work.state == "landed":
-                    seg.neg_().add_(ended)
+                elif work.state == "landed":  # θ − the merge of where it ended (see _merge_share): c·ended + (1 − 2c)·s
+                    seg.mul_(1.0 - 2.0 * share).add_(ended, alpha=share)
                 elif work.alone is None:
                     seg.add_(ended)
                 else:
                     seg.add_(self._start_of(work, i, seg)).sub_(theta).add_(ended)
                 continue
             x = x.detach().to(device="cpu", dtype=torch.float32).reshape(seg.shape)
-            if work.state == "landed":  # θ − (where the loop ended, shifted onto θ if it was not yet)
+            if work.state == "landed":  # θ − (where the loop ended, merged onto θ if it was not yet)
                 if work.shifted:
                     seg.copy_(theta).sub_(x)
                 else:
-                    seg.neg_().add_(theta).sub_(x)
+                    seg.mul_(1.0 - 2.0 * share).add_(theta, alpha=share).sub_(x, alpha=share)
             else:  # carried: where the loop started, plus the carried pseudo-gradient, minus where it ended
                 seg.add_(self._start_of(work, i, seg)).sub_(x)
         return work.vector, True, tokens + work.tokens_carried
@@ -323,17 +326,28 @@ class OuterSequence:
         for i, (x, seg) in enumerate(zip(local, unflatten(work.vector, params), strict=True)):
             x.copy_(self._start_of(work, i, seg).reshape(x.shape))
 
-    def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
-        """Between two inner steps, once the round in flight has landed (`shift_ready`): move the inner loop onto
-        θ, keeping what it trained since it started from our guess. For the inner loop's thread; True if it moved."""
+    def shift_inner_loop(self, local: Sequence[torch.Tensor], done: float = 1.0) -> bool:
+        """Between two inner steps, once the round in flight has landed (`shift_ready`): merge the inner loop onto
+        θ (swarm.overlap.merge), `done` being the share of the inner loop trained since it started from our guess.
+        θ stays as it is until our next `submit`: only a round landing or a catch-up changes it, both within one.
+        For the inner loop's thread; True if it moved."""
         work = self._work
         if not self.shift_ready.is_set() or work is None or work.state != "landed" or work.shifted:
             return False
-        with torch.no_grad():
-            for x, seg in zip(local, unflatten(work.vector, self.swarm.params), strict=True):
-                x.add_(seg.reshape(x.shape).to(device=x.device, dtype=x.dtype))
+        share = self._merge_share(work, done)
+        for x, p, seg in zip(local, self.swarm.params, unflatten(work.vector, self.swarm.params), strict=True):
+            like = {"device": x.device, "dtype": x.dtype}
+            theta = None if share == 1.0 else p.reshape(x.shape).to(**like)
+            merge(x, theta, seg.reshape(x.shape).to(**like), share)
         work.shifted = True
         return True
+
+    @staticmethod
+    def _merge_share(work: _Work, done: float) -> float:
+        """c of the merge onto θ (swarm.overlap): 1 after a round that applied our own Δ alone, where the guess's
+        error is not noise that the loop has undone but the outer step's extrapolation of our own Δ (none at all
+        when we guessed that we would be alone), and the shift carries what we trained over whole."""
+        return 1.0 if work.landed_alone else merge_share(done)
 
     async def _expect_alone(self) -> bool:
         """Whether we expect this round to have nobody else: our last round had nobody, or before any, no other peer
@@ -429,8 +443,8 @@ class OuterSequence:
     async def _land(self, delta: torch.Tensor, average: torch.Tensor, alone: bool) -> None:
         """Apply the round's outcome to θ (the group's `average`, or `alone` our own Δ). Overlapped, our inner loop
         started from a guess of that θ: keep, in place of our pseudo-gradient, the shift from the guess (computed
-        from the θ and momentum it was made with) to the new θ, and let the inner loop take it. The model-size work
-        runs in a thread, as one change of the state (Swarm._changing_state)."""
+        from the θ and momentum it was made with) to the new θ, and let the inner loop merge with it. The model-size
+        work runs in a thread, as one change of the state (Swarm._changing_state)."""
         swarm, work = self.swarm, self._work
         ours = work is not None and work.vector is delta and work.alone is not None
         if not ours and work is not None and work.vector is delta:
@@ -439,7 +453,7 @@ class OuterSequence:
         swarm.let_go_of_average(average)
         self._alone = alone
         if ours:
-            work.state = "landed"
+            work.state, work.landed_alone = "landed", alone
             self.shift_ready.set()
 
     def _land_in_place(self, work: _Work | None, average: torch.Tensor, alone: bool) -> None:
@@ -520,10 +534,11 @@ class SequenceMethods:
         flight)."""
         await self.sequence.start_inner_loop(local)
 
-    def shift_inner_loop(self, local: Sequence[torch.Tensor]) -> bool:
-        """Between two inner steps, once the round in flight has landed (`shift_ready`): move `local` onto θ, keeping
-        what it trained since it started from our guess (swarm.overlap). True if it moved."""
-        return self.sequence.shift_inner_loop(local)
+    def shift_inner_loop(self, local: Sequence[torch.Tensor], done: float = 1.0) -> bool:
+        """Between two inner steps, once the round in flight has landed (`shift_ready`): merge `local` onto θ,
+        `done` being the share of the inner loop trained since it started from our guess (swarm.overlap). True if
+        it moved."""
+        return self.sequence.shift_inner_loop(local, done)
 
     @property
     def shift_ready(self) -> threading.Event:

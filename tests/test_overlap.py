@@ -25,8 +25,9 @@ def overlapped(timeout: float = 15.0, **kwargs) -> SwarmConfig:
 
 class EagerReference:
     """The overlapped rule by hand. θ takes DiLoCo's update (torch.optim.SGD, Nesterov) with every round's
-    token-weighted mean. A peer's next inner loop starts from its guess of θ after the round in flight: the outer
-    step with its own Δ as the mean; once the round lands, its model moves by θ minus that guess."""
+    token-weighted mean. A peer's next inner loop starts from its guess g of θ after the round in flight: the outer
+    step with its own Δ as the mean; once the round lands, with a share `done` of the loop trained, its model x
+    becomes c·(x + θ − g) + (1 − c)·g, c = max(1/2, 1 − done)."""
 
     def __init__(self, theta):
         self.params = [torch.nn.Parameter(t.clone()) for t in theta]
@@ -40,6 +41,10 @@ class EagerReference:
         bufs = [self.opt.state.get(p, {}).get("momentum_buffer") for p in self.params]
         return [t - LR * ((1 + MU) * d + (0 if b is None else MU * MU * b)) for t, d, b in zip(self.theta, delta, bufs)]
 
+    def merged(self, x, guess, done: float) -> list[torch.Tensor]:
+        c = max(0.5, 1 - done)
+        return [c * (a + t - g) + (1 - c) * g for a, t, g in zip(x, self.theta, guess, strict=True)]
+
     def round(self, deltas, tokens) -> None:
         total = sum(tokens)
         for i, p in enumerate(self.params):
@@ -49,10 +54,6 @@ class EagerReference:
 
 def minus(a, b) -> list[torch.Tensor]:
     return [x - y for x, y in zip(a, b, strict=True)]
-
-
-def plus(a, b) -> list[torch.Tensor]:
-    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def assert_close(got, want, message: str) -> None:
@@ -71,8 +72,8 @@ async def wait_until_all_live(swarms, timeout: float = 20.0) -> None:
 @pytest.mark.timeout(120)
 async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_identical():
     """Three peers, four overlapped steps. Each inner loop (here: two random moves) starts from the peer's guess;
-    on even steps the round lands halfway and the model shifts onto θ there, on odd steps it lands only when the
-    next work is handed over (the shift then enters the next Δ)."""
+    on even steps the round lands a fifth of the way and the model merges onto θ there, on odd steps it lands only
+    when the next work is handed over (the merge then enters the next Δ, as at the loop's end)."""
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
         async with running_swarms(nodes, theta, lambda i: overlapped()) as swarms:
@@ -88,15 +89,15 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
                     assert [r.status for r in done] == [StepStatus.AVERAGED] * 3 and all(r.overlapped for r in done)
                     assert len({r.params_sha256 for r in done}) == 1
                     for i, s in enumerate(swarms):
-                        assert s.shift_inner_loop(models[i])
-                        want = plus(ref.theta, minus(perturbed(guesses[i], 10 * step + i), guesses[i]))
-                        assert_close(models[i], want, f"step {step}: peer {i} is not on θ after the shift")
+                        want = ref.merged(models[i], guesses[i], 0.2)
+                        assert s.shift_inner_loop(models[i], 0.2)
+                        assert_close(models[i], want, f"step {step}: peer {i} is not merged onto θ")
                 models = [perturbed(m, 50 + 10 * step + i) for i, m in enumerate(models)]  # second half
                 reports = await asyncio.gather(*[s.submit(m, t) for s, m, t in zip(swarms, models, tokens)])
                 if step % 2 == 1:  # the round of the last step lands within this hand-over
                     assert [[r.status for r in rs] for rs in reports] == [[StepStatus.AVERAGED]] * 3
                     assert len({rs[0].params_sha256 for rs in reports}) == 1
-                    models_on_theta = [plus(m, minus(ref.theta, g)) for m, g in zip(models, guesses)]
+                    models_on_theta = [ref.merged(m, g, 1.0) for m, g in zip(models, guesses)]
                 else:
                     assert reports == [[], [], []]
                     models_on_theta = models
@@ -146,8 +147,9 @@ async def test_member_killed_while_the_overlapped_allreduce_is_in_flight():
                     assert [r[0].group_size for r in reports] == [3, 3, 3]
                 assert len({r[0].params_sha256 for r in reports if r}) <= 1
                 assert_close(swarms[0].params, ref.theta, f"step {step}: θ is not the average of what arrived")
-                # The rounds landed within the hand-over: no shift was taken, so Δ is measured from the guess.
-                deltas = [minus(ref.theta if guesses is None else guesses[i], m) for i, m in enumerate(models)]
+                # The rounds landed within the hand-over: Δ is measured from where the loop ends, merged onto θ.
+                ended = [m if guesses is None else ref.merged(m, guesses[i], 1.0) for i, m in enumerate(models)]
+                deltas = [minus(ref.theta, m) for m in ended]
                 guesses = [ref.guess(d) for d in deltas]
                 ref.round(deltas[:2] if step >= 2 else deltas, tokens[:2] if step >= 2 else tokens)
                 for i, s in enumerate(peers):
@@ -218,7 +220,7 @@ async def train(swarm, step_seconds: float, rounds: int, steps: int = 8, seed: i
     for r in range(rounds):
         n = 0
         while n < steps and not (swarm.round_called.is_set() and (n > 0 or swarm.carries_work)):
-            swarm.shift_inner_loop(start)  # once the round in flight landed
+            swarm.shift_inner_loop(start, n / steps)  # once the round in flight landed
             await asyncio.sleep(step_seconds)
             n += 1
         taken.append(n)
