@@ -29,6 +29,8 @@ against blocking DiLoCo's 1.6777 on the same tokens, seed 0), by when the round 
 | shift all the way (c = 1) | +1.14% | +3.10% | +4.79% | +5.87% |
 | Streaming DiLoCo's merge alone (c = 1/2) | +1.75% | +2.46% | +3.24% | +5.95% |
 
+Seed 1 (blocking 1.6458): the merge +1.45% at a quarter and +4.22% at half, the full shift +1.90% and +5.14%.
+
 Starting from θ_t and applying each average a round late (the naive delayed update) costs +45.5%; guessing without
 the shift +9.7%. Own Δ was the best guess tried (with the full shift): its share of the average alone (Δ / k) +3.6%
 at a quarter, the last round's average +10.0%, and the eager updates' estimate (own fresh share plus the others'
