@@ -200,6 +200,15 @@ class _Looking:
     """Peers not to wait for: they did not answer a ping, or were lost in a failed round of this step."""
     known: set[PeerID] = field(default_factory=set)
     """Peers expected at this step whatever the DHT says (e.g. the last group), until a ping says otherwise."""
+    regroup: set[PeerID] = field(default_factory=set)
+    """The other members of a failed round of this step: expected even though their declaration says they are done
+    with this step (they made it before the round failed, and may not have seen it fail yet), until a ping says
+    they moved on."""
+    declared: dict[PeerID, float] = field(default_factory=dict)
+    """The deadline of each peer's latest "looking" declaration we read."""
+    unreachable: dict[PeerID, float] = field(default_factory=dict)
+    """Peers we gave up on because they did not answer, with the deadline of the declaration we knew then: a
+    declaration made after that (a restarted peer with the same identity, or a new try) brings them back."""
     heard: dict[PeerID, dict] = field(default_factory=dict)
     """The latest pong of each pinged peer."""
     better_leader: PeerID | None = None
@@ -325,7 +334,9 @@ class Matchmaker:
         state = _Looking(outer_step, get_dht_time() + self.config.timeout_seconds)
         await self._declare(state, looking=False)
 
-    async def form_group(self, outer_step: int, exclude=(), known=(), timeout: float | None = None) -> Group | None:
+    async def form_group(
+        self, outer_step: int, exclude=(), known=(), timeout: float | None = None, regroup=()
+    ) -> Group | None:
         """Find a group for `outer_step` within `timeout` (default: the configured one); None if this peer should
         average alone.
 
@@ -333,6 +344,9 @@ class Matchmaker:
 
         Peers in `exclude` (e.g. members lost in a failed round of this step) are not waited for. Peers in `known`
         (e.g. the members of our previous group) are waited for until they join or a ping says they are elsewhere.
+        Peers in `regroup` (the other members of a failed round of this step) are waited for in the same way, even
+        though they declared themselves done with this step: each member learns that the round failed at its own
+        moment, and the first to retry must not close a group without the others, or the step splits in two θs.
         Banned peers (see `ban`) are never in the group.
         """
         if self._looking is not None:
@@ -342,7 +356,8 @@ class Matchmaker:
         deadline = get_dht_time() + (self.config.timeout_seconds if timeout is None else timeout)
         state = _Looking(outer_step, deadline, dead=set(exclude) | set(self.banned))
         state.excluded.update(dict.fromkeys(self.banned, float("inf")))
-        state.known = set(known) - state.dead - {self.peer_id}
+        state.regroup = set(regroup) - state.dead - {self.peer_id}
+        state.known = (set(known) | state.regroup) - state.dead - {self.peer_id}
         self._looking = state
         try:
             await self._declare(state, looking=True)
@@ -367,6 +382,7 @@ class Matchmaker:
                 break
             if target is None:
                 decls, live = await asyncio.gather(self.declarations(state.outer_step), self.live_peers())
+                self._note_declarations(state, decls)
                 candidates = [
                     d.peer_id
                     for d in decls
@@ -406,6 +422,28 @@ class Matchmaker:
             return self._close_group(state)
         return None
 
+    def _note_declarations(self, state: _Looking, decls) -> None:
+        """Remember who declares itself looking, and take back a peer we gave up on that declared itself anew: a
+        peer killed and restarted with the same identity is the same peer, and must not be shunned for the rest of
+        the search (it would lead or wait on its own, and the step would split)."""
+        for d in decls:
+            if not d.looking:
+                continue
+            gave_up = state.unreachable.get(d.peer_id)
+            if gave_up is not None and d.deadline > gave_up and d.peer_id not in self.banned:
+                logger.info(f"{d.peer_id} looks for a group for step {state.outer_step} again: waiting for it")
+                del state.unreachable[d.peer_id]
+                state.dead.discard(d.peer_id)
+                state.excluded.pop(d.peer_id, None)
+                state.heard.pop(d.peer_id, None)
+            state.declared[d.peer_id] = d.deadline
+
+    def _unreachable(self, state: _Looking, peer: PeerID) -> None:
+        """Neither wait for `peer` nor follow it, until it declares itself looking anew (_note_declarations)."""
+        state.dead.add(peer)
+        state.excluded[peer] = float("inf")
+        state.unreachable[peer] = state.declared.get(peer, float("-inf"))
+
     def _maybe_close_group(self, state: _Looking, decls, live, now: float) -> Group | None:
         members = {self.peer_id, *state.followers}
         size = len(members)
@@ -414,7 +452,7 @@ class Matchmaker:
             return self._close_group(state)
         if size < cfg.min_group_size:
             return None
-        done = {d.peer_id for d in decls if not d.looking}
+        done = {d.peer_id for d in decls if not d.looking} - state.regroup
         expected = {h.peer_id for h in live if h.outer_step == state.outer_step and h.schema == self.schema} | {
             d.peer_id for d in decls if d.looking and d.schema == self.schema and d.deadline > now
         }
@@ -478,8 +516,7 @@ class Matchmaker:
                     state.changed.set()
             except Exception as e:
                 logger.info(f"not waiting for {peer} at step {state.outer_step}: it does not answer ({e!r})")
-                state.dead.add(peer)
-                state.excluded[peer] = float("inf")
+                self._unreachable(state, peer)
                 state.changed.set()
             finally:
                 if writer is not None:
@@ -535,8 +572,7 @@ class Matchmaker:
                 )
             except Exception as e:  # unreachable: neither follow it nor wait for it
                 logger.debug(f"cannot reach {leader} for step {state.outer_step}: {e!r}")
-                state.dead.add(leader)
-                state.excluded[leader] = float("inf")
+                self._unreachable(state, leader)
                 return None, None
             request = {"type": "join", "step": state.outer_step, "schema": self.schema, "deadline": state.deadline}
             request["direct"] = [list(e) for e in self.direct_endpoints]

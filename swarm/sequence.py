@@ -377,11 +377,14 @@ class OuterSequence:
         excluded: set = set()
         # Whom we expect at this round even if the DHT does not show them: our last group, then this round's group.
         known = set(swarm._last_group[1]) if swarm._last_group is not None else set()
+        regroup: set = set()  # the other members of this round's failed try
         attempt = 0
         while True:
             group = None
             if workers.rank == 0:
-                group = await swarm.matchmaker.form_group(step, exclude=excluded, known=known, timeout=budget)
+                group = await swarm.matchmaker.form_group(
+                    step, exclude=excluded, known=known, timeout=budget, regroup=regroup
+                )
             group = await workers.broadcast(group)
             if group is None or group.size == 1:
                 timeout = budget or swarm.config.matchmaking.timeout_seconds
@@ -409,7 +412,7 @@ class OuterSequence:
                     StepStatus.ALLREDUCE_FAILED, group.size, started, error=error, attempts=attempt
                 )
             excluded |= suspects
-            known = set(group.peer_ids) - excluded
+            known = regroup = set(group.peer_ids) - excluded
             lost = ", ".join(str(p) for p in suspects) or "none identified"
             logger.warning(
                 f"outer step {step}: all-reduce with {group.size} peers failed ({errors}); lost or caught members:"

@@ -1,0 +1,93 @@
+"""Matchmaking after faults, on real nodes: one step must never split into two groups (two θs) because members learn
+of a failure at different moments, or because a member came back from a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from swarm import NodeConfig, SwarmNode
+from swarm.matchmaking import Matchmaker, MatchmakingConfig
+from tests.conftest import swarm_of
+
+SCHEMA = "0" * 32
+
+
+def matchmaking(timeout: float = 20.0) -> MatchmakingConfig:
+    return MatchmakingConfig(timeout_seconds=timeout, heartbeat_interval_seconds=1.0)
+
+
+@contextlib.asynccontextmanager
+async def matchmakers(nodes, timeout: float = 20.0):
+    made = [Matchmaker(node, "mm", SCHEMA, matchmaking(timeout)) for node in nodes]
+    try:
+        for m in made:
+            await m.start()
+        yield made
+    finally:
+        for m in made:
+            await m.close()
+
+
+@pytest.mark.timeout(120)
+async def test_members_of_a_failed_round_who_retry_late_are_waited_for_not_split_off():
+    """A round of four fails for one member; the two that see it first retry at once, the third a second later.
+    All three must land in one group: their declarations from the failed try say "done with this step", and a leader
+    that believed them closed a pair without the third (the chaos test's split at one step)."""
+    async with swarm_of(4) as (_, nodes), matchmakers(nodes) as mms:
+        first = await asyncio.gather(*(m.form_group(0) for m in mms))
+        assert len({g.group_id for g in first}) == 1 and first[0].size == 4
+        peers = first[0].peer_ids
+        lost = peers[-1]  # the member whose part went missing; it does not retry
+        survivors = [m for m in mms if m.peer_id != lost]
+        survivors.sort(key=lambda m: m.peer_id.to_bytes())  # the first two hold the smallest ids: one of them leads
+        regroup = set(peers) - {lost}
+
+        async def retry(m: Matchmaker, after: float):
+            await asyncio.sleep(after)
+            return await m.form_group(0, exclude={lost}, known=regroup, regroup=regroup, timeout=15)
+
+        groups = await asyncio.gather(retry(survivors[0], 0), retry(survivors[1], 0), retry(survivors[2], 1.5))
+        assert all(g is not None for g in groups), groups
+        assert len({g.group_id for g in groups}) == 1, [g.peer_ids for g in groups]
+        assert set(groups[0].peer_ids) == regroup
+
+
+@pytest.mark.timeout(120)
+async def test_a_peer_restarted_with_its_identity_is_followed_again_after_it_stopped_answering(tmp_path):
+    """A peer crashes while others look for a group: their pings fail and they give up on it. It restarts with the
+    same identity and looks for the same step. If it holds the smaller id it leads, and the others must follow it
+    rather than shun it for the rest of their search (each would close no group, and the step would split)."""
+    async with swarm_of(0) as (bootstrap, _):
+        maddrs = await bootstrap.visible_maddrs()
+        paths = [str(tmp_path / f"p{i}.id") for i in range(2)]
+        nodes = [await SwarmNode.create(NodeConfig(initial_peers=maddrs, identity_path=path)) for path in paths]
+        order = sorted(range(2), key=lambda i: nodes[i].peer_id.to_bytes())
+        small, big = order  # the smaller id crashes and comes back: it leads the group once back
+        crashed = nodes[small]
+        restarted = None
+        try:
+            async with matchmakers([nodes[big]]) as (waiter,):
+                mm = Matchmaker(crashed, "mm", SCHEMA, matchmaking())
+                await mm.start()
+                await asyncio.sleep(1.5)  # its heartbeat is in the DHT
+                await crashed.close()  # killed: its heartbeat outlives it, its daemon is gone
+                looking = asyncio.create_task(waiter.form_group(0, known={crashed.peer_id}, timeout=20))
+                for _ in range(50):  # the waiter pings it and gives up on it
+                    await asyncio.sleep(0.1)
+                    if waiter._looking is not None and crashed.peer_id in waiter._looking.unreachable:
+                        break
+                assert waiter._looking is not None and crashed.peer_id in waiter._looking.unreachable
+                restarted = await SwarmNode.create(NodeConfig(initial_peers=maddrs, identity_path=paths[small]))
+                assert restarted.peer_id == crashed.peer_id
+                async with matchmakers([restarted]) as (back,):
+                    theirs = await back.form_group(0, timeout=15)
+                    ours = await asyncio.wait_for(looking, 20)
+                assert theirs is not None and ours is not None
+                assert theirs.group_id == ours.group_id and theirs.size == 2
+        finally:
+            await nodes[big].close()
+            if restarted is not None:
+                await restarted.close()
