@@ -28,6 +28,16 @@ What it catches, on the same real Δ's (int8, every honest member's verdict): ra
 the average x100, negated, or zero, by every member; the average x3 by none of 15 (4 members) and 2 of 30 (7); the
 previous step's average of the same part by 3 of 15 and 0 of 30; another group's average of the same step by none.
 
+Contributions that cancel ours. Overlapped (swarm.overlap), a member's Δ carries a share of its guess's error, and
+the members' errors cancel over the previous round's weights by construction. A member whose inner loop was cut short
+(a slow peer awaited after a few inner steps) sends a Δ that is mostly that error, which the others' pull against:
+the honest average then leans away from it, measured -0.22 (int8, a share of 0.13, parts 11x as long as its Δ) where
+the floor above asked for -0.07, and the slow peer banned its honest partners. Our own part, averaged by us, shows
+how strongly the others pull against us: beyond chance, the lean floor drops by that pull (a cosine) times the
+part's length over ours, times ALIGNMENT_FACTOR. Then a negated or zeroed average passes where the others cancel us
+(nothing can tell it from an honest one there); the ratio bound still holds, and members whose contributions the
+others do not cancel still catch it.
+
 What a crafted lie can still do (the reducer holds every x_k,i of its part, so it can aim): any average within the
 bounds of every honest member passes. Found by bisection on those Δ's: the honest average plus a vector orthogonal to
 every member's contribution of 2.1 to 3.0x its norm, or the average scaled by 2.3 to 3.1; as a move of the whole
@@ -61,6 +71,9 @@ parts whose noise is Student-t(3), where a handful of values make a part's norm)
 LEAN_FRACTION = 0.4
 """A part's average must lean towards our contribution by at least this fraction of our share (honest: >= 1.01x; a
 member that declares other weights to other reducers can halve our share there, see `our_share`)."""
+ALIGNMENT_FACTOR = 3.0
+"""How many times as strongly as in our own part the others' contributions may pull against ours in another part
+(a cosine; honest parts of one round differ by up to 1.5x, measured on the runs of tests/test_overlap.py)."""
 SPREAD = 5.0
 """Standard deviations of chance allowed on each figure: what uncorrelated values give a part of few values."""
 _CHUNK = 1 << 17  # values per block of the products: a block of each vector stays in cache
@@ -151,6 +164,12 @@ def judge(part: Figures, reference: Figures | None, share: float) -> str | None:
             )
     expected = share if reference is None else min(share, reference.lean)
     floor = LEAN_FRACTION * expected - chance * (part.ratio + share)
+    if reference is not None:
+        # Where the others' contributions pull against ours in the part we reduced ourselves, beyond chance, they
+        # do so in every part, in proportion to its length over ours: lower the floor by as much (ALIGNMENT_FACTOR
+        # for the spread between parts). See "Contributions that cancel ours" above.
+        pull = (reference.lean - share) / reference.ratio + SPREAD / math.sqrt(reference.numel)
+        floor += ALIGNMENT_FACTOR * min(0.0, pull) * part.ratio
     if part.lean < floor:
         return (
             f"it leans {part.lean:.3g} towards our contribution, an average with our share {share:.3g} at least"

@@ -263,6 +263,42 @@ def test_honest_averages_pass_and_gross_lies_are_caught(compression):
                     assert all(v is None for (j, i), v in verdicts.items() if i != liar)
 
 
+def overlapped_deltas(numel: int, seed: int, short: float) -> list[torch.Tensor]:
+    """Three members' Δ's in an overlapped round (swarm.overlap, merge share 1/2): half their inner loop's update,
+    plus half their guess's error, the errors cancelling over the previous round's weights. The last member's loop was
+    cut short (`short` of the others' update): its Δ is mostly its guess's error."""
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(numel, generator=g)
+    trained = [0.05 * (signal + torch.randn(numel, generator=g)) for _ in range(3)]
+    previous = [0.05 * (signal + torch.randn(numel, generator=g)) for _ in range(3)]
+    mean = sum(previous) / 3
+    errors = [mean - d for d in previous]
+    return [0.5 * u * (short if k == 2 else 1.0) + 0.5 * e for k, (u, e) in enumerate(zip(trained, errors))]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("short", [0.05, 1.0])
+def test_an_overlapped_round_whose_slow_member_sent_mostly_its_guess_error_passes(short):
+    """The slow peer of tests/test_overlap.py, awaited after 3 of 40 inner steps, banned both honest partners: the
+    others' contributions cancel its own, so the honest average leans away from it (see swarm.audit). It must pass,
+    and the lies must still be caught by the members the others do not cancel."""
+    codec = make_codec("int8")
+    weights = [160.0, 160.0, 48.0]  # tokens: 40 steps of batch 4, and 3 steps of batch 16
+    for seed in range(3):
+        xs = overlapped_deltas(300_000, seed, short)
+        bounds, parts = _honest_parts(xs, weights, codec)
+        honest = _verdicts(xs, weights, parts, bounds)
+        assert all(v is None for v in honest.values()), (seed, honest)
+        g = torch.Generator().manual_seed(seed)
+        for liar in range(3):
+            for name in ("x100", "negated"):
+                verdicts = _verdicts(xs, weights, parts, bounds, liar, LIES[name](parts[liar], g))
+                caught = {j for (j, i), v in verdicts.items() if i == liar and v is not None}
+                fast = {0, 1} - {liar}
+                assert fast <= caught, (seed, liar, name, caught)
+                assert all(v is None for (j, i), v in verdicts.items() if i != liar)
+
+
 @pytest.mark.timeout(120)
 def test_tiny_parts_and_zero_contributions_are_not_judged():
     x = torch.randn(audit.MIN_NUMEL - 1)
