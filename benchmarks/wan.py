@@ -3,7 +3,7 @@ with tbf. Compute utilization, tokens/s and loss per peer, blocking against over
 
     python benchmarks/wan.py [--peers 3] [--rate 50mbit] [--model benchmarks/models/llama-5m.json]
         [--inner-steps 10] [--outer-steps 12] [--batch-size 4] [--seq-len 64] [--slow 1] [--slow-factor 4]
-        [--arms blocking-equal,overlap-equal,blocking-uneven,overlap-uneven] [--compression int8]
+        [--arms blocking-equal,overlap-equal,blocking-uneven,overlap-uneven] [--compression int8] [--delay-ms 0]
 
 Needs root (network namespaces, veth pairs, tc), except with `--rate none` (every node on 127.0.0.1, uncapped).
 The topology: a hub namespace holding a bridge, and each node (the bootstrap node and every peer) in a namespace of
@@ -12,7 +12,9 @@ its own, joined to the bridge by a veth pair; addresses in 10.198.0.0/24, a priv
 presumably filtered out as unroutable). Each peer's link is capped both ways (tbf on its own end for what it sends,
 on the hub's end for what it receives; mtu 1500, burst 1mb, limit 8mb, which give textbook transfer times here), so a
 peer's cap limits that peer alone. Nothing leaves the namespaces this script makes, and it deletes them when done.
-netem is not available here: the links add no latency, only a bandwidth cap.
+netem is not available here: `--delay-ms D` adds latency with a user-space delay line in every node's namespace
+(benchmarks/delayline.py), which holds each packet the node sends for D ms before its capped link, so the round
+trip between any two nodes is 2D.
 
 The uneven swarm: the last `--slow` peers run `--slow-factor` times the batch, so each of their inner steps takes
 that much longer. Per peer, over the steady outer steps (the first two and the last are left out: start-up, and
@@ -41,6 +43,8 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import delayline  # noqa: E402  (beside this script)
+
 from peers.launch import read_metrics, run_to_end  # noqa: E402
 from peers.metrics import groups_agree, peer_figures  # noqa: E402
 
@@ -56,8 +60,9 @@ def _ip(*args: str) -> None:
 class Links:
     """A bridge in a hub namespace and one namespace per node, each behind a veth link capped both ways."""
 
-    def __init__(self, nodes: int, rates: list[str | None]):
-        self.nodes, self.rates = nodes, rates
+    def __init__(self, nodes: int, rates: list[str | None], delay_ms: float = 0.0):
+        self.nodes, self.rates, self.delay_ms = nodes, rates, delay_ms
+        self.delay_lines: list = []
 
     def namespace(self, i: int) -> str:
         return f"{PREFIX}-n{i}"
@@ -86,10 +91,15 @@ class Links:
                 for where, dev in ((ns, "eth0"), (hub, veth)):
                     tbf = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rates[i]]
                     _ip("netns", "exec", where, *tbf, "burst", "1mb", "limit", "8mb")
+            if self.delay_ms > 0:
+                line = delayline.install(ns, self.address(i), f"{SUBNET}.0/24", self.delay_ms)
+                self.delay_lines.append(line)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._delete()
+        self._delete()  # it ends the delay lines too: they run in our namespaces
+        for line in self.delay_lines:
+            line.wait()
 
     def _delete(self) -> None:
         names = [f"{PREFIX}-hub", *(self.namespace(i) for i in range(self.nodes))]
@@ -128,7 +138,7 @@ def run_arm(opts: dict, arm: str, workdir: str) -> list[list[dict]]:
     slow = set(range(k - opts["slow"], k)) if kind == "uneven" else set()
     rundir = os.path.join(workdir, arm)
     # Node 0 is the bootstrap node (uncapped: it only introduces), nodes 1..k the peers.
-    links = Loopback() if opts["rate"] == "none" else Links(k + 1, [None] + [opts["rate"]] * k)
+    links = Loopback() if opts["rate"] == "none" else Links(k + 1, [None] + [opts["rate"]] * k, opts["delay_ms"])
     args = []
     for i in range(k):
         batch = opts["batch_size"] * (opts["slow_factor"] if i in slow else 1)
@@ -178,6 +188,12 @@ def numel_of(model: str, seed: int = 0) -> int:
 @click.option("--slow", type=click.IntRange(min=1), default=1, help="Slow peers in the uneven swarm.")
 @click.option("--slow-factor", type=click.IntRange(min=2), default=4, help="Their batch, and step time, multiple.")
 @click.option("--compression", default="int8")
+@click.option(
+    "--delay-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Latency added to every packet each node sends (a user-space delay line): round trip 2x this.",
+)
 @click.option("--arms", default=",".join(ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")
 @click.option("--peer-args", default="", help="More swarm-peer flags for every peer.")
 @click.option("--timeout", type=float, default=1800.0, help="Seconds one arm may run.")
@@ -185,6 +201,8 @@ def numel_of(model: str, seed: int = 0) -> int:
 def main(**opts) -> None:
     if os.geteuid() != 0 and opts["rate"] != "none":
         raise click.UsageError("needs root: network namespaces, veth pairs and tc (or --rate none)")
+    if opts["rate"] == "none" and opts["delay_ms"] > 0:
+        raise click.UsageError("--delay-ms needs the namespaces: give a --rate")
     import shlex
 
     opts["peer_args"] = shlex.split(opts["peer_args"])
@@ -197,7 +215,8 @@ def main(**opts) -> None:
     # worker, for batch x seq-len tokens of that worker.
     dp_bytes_per_token = 2 * (k - 1) / k * 4 * numel / (opts["batch_size"] * opts["seq_len"])
     print(
-        f"{k} peers, {numel:,} parameters, links capped at {opts['rate']} each way (tbf; no added latency), "
+        f"{k} peers, {numel:,} parameters, links capped at {opts['rate']} each way (tbf), "
+        f"round trip between nodes {2 * opts['delay_ms']:.0f} ms added (delay line), "
         f"H={opts['inner_steps']}, {opts['outer_steps']} outer steps, batch {opts['batch_size']} x {opts['seq_len']}, "
         f"{opts['compression']}; uneven: {opts['slow']} peer(s) with {opts['slow_factor']}x the batch; logs {workdir}",
         flush=True,
