@@ -432,7 +432,7 @@ class Peer:
             delta = self._flat_params
             await asyncio.to_thread(self._delta_in_place)
         try:
-            reports = await self.swarm.submit(local, tokens, delta)
+            reports = await self.swarm.submit(local, tokens, delta, result.steps / self.config.inner_steps)
         except BaseException:
             if delta is not None:
                 self._local_from_delta()  # never leave Δ where the model's parameters belong

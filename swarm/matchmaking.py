@@ -6,8 +6,10 @@ group as soon as every live peer of the run at step t has joined (heartbeats tel
 latest, shortly before the earliest deadline among its members. It then sends every member the same ordered member
 list and a fresh group id. A peer that sees a smaller leader than its own leader-candidate redirects its followers
 there, so groups converge on the smallest peer id; a leader that refuses, dies, or fails to answer is skipped and the
-next one is tried. A peer that finds no group before its deadline gets None and averages alone; one that sees no
-other live peer of its run at all for a few seconds (`alone_after_seconds`) gets a group of one at once instead.
+next one is tried (one that did not answer is taken back once it declares itself looking anew: a crashed peer
+restarted with its identity is the same peer). A peer that finds no group before its deadline gets None and averages
+alone; one that sees no other live peer of its run at all for a few seconds (`alone_after_seconds`) gets a group of
+one at once instead.
 
 Join protocol (one binary stream per join, frames from `swarm.wire`):
   follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d, "direct": [[ip, port], ...],
@@ -29,7 +31,9 @@ A leader pings the peers it waits for that have not joined yet. A peer that cras
 a few seconds; the ping fails at once on its dead daemon, and nobody waits for it. The DHT can also be stale or
 incomplete under churn, so a leader also waits for the members of the peer's previous group (`known`) until a ping
 says where they are: at another step (not waited for), or leading a search of their own with a smaller peer id
-(then we follow it). Either way two leaders never close two groups for one step without knowing of each other.
+(then we follow it). Either way two leaders never close two groups for one step without knowing of each other. After
+a failed round, its members retry each when it learns of the failure: the first waits for the others (`regroup`),
+although their declarations from the failed try say they are done with the step.
 """
 
 from __future__ import annotations

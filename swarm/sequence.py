@@ -173,11 +173,13 @@ class OuterSequence:
     # ---- the outer step -------------------------------------------------------------------------------------------
 
     async def submit(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None, done: float = 1.0
     ) -> list[OuterStepReport]:
         """Hand over this worker's part of the inner loop's result; `tokens` is the whole peer's count. `delta`, if
         given, is θ - local that the caller computed as one flat float32 vector (Swarm.outer_step); it is only read,
-        and a copy is kept where the sequence needs it past this call (overlapped, or carried work).
+        and a copy is kept where the sequence needs it past this call (overlapped, or carried work). `done`: the
+        share of a full inner loop that this one trained (less than 1 for a loop cut short); overlapped, a round in
+        flight that lands only after the loop ended merges by it (see shift_inner_loop).
 
         Returns the reports of the rounds finished by this call, oldest first, one per earlier call: blocking, this
         call's; overlapped, the previous call's round (none on the first call), then this call's own if it ran no
@@ -196,7 +198,7 @@ class OuterSequence:
         step = swarm.global_step
         started = time.perf_counter()
         # A model-size pass or two: in a thread, while the event loop serves the swarm.
-        delta, owned, tokens = await asyncio.to_thread(self._contribution, local, tokens, delta)
+        delta, owned, tokens = await asyncio.to_thread(self._contribution, local, tokens, delta, done)
 
         bad = await asyncio.to_thread(lambda: 0 if all_finite(delta) else int((~torch.isfinite(delta)).sum()))
         bad_per_worker = await self.workers.all_gather(bad)
@@ -259,7 +261,7 @@ class OuterSequence:
         return await task
 
     def _contribution(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None, done: float = 1.0
     ) -> tuple[torch.Tensor, bool, int]:
         """The pseudo-gradient of the inner loop that ended at `local`, plus any carried work; whether the sequence
         owns that vector (False: it is the caller's `delta`, θ - local, only to be read); and its tokens."""
@@ -269,7 +271,10 @@ class OuterSequence:
             return (difference(params, local), True, tokens) if delta is None else (delta, False, tokens)
         segments = unflatten(work.vector, params)
         given = None if delta is None else unflatten(delta, params)
-        share = self._merge_share(work, 1.0)  # a round that landed only now merges as if at the loop's end
+        # A round that landed only now merges as if at the loop's end: by the share of a loop it trained, so that a
+        # loop cut short after a few steps (a slow peer awaited), which undid little of the guess's error, shifts
+        # nearly all the way, as it would have mid-loop.
+        share = self._merge_share(work, min(1.0, max(0.0, done)))
         for i, (seg, x) in enumerate(zip(segments, local, strict=True)):
             theta = params[i].reshape(seg.shape)
             if given is not None:  # the caller's θ − where the loop ended
@@ -527,10 +532,10 @@ class SequenceMethods:
         return reports[-1] if reports else None
 
     async def submit(
-        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None
+        self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None = None, done: float = 1.0
     ) -> list[OuterStepReport]:
         """Hand over the inner loop's result; the reports of the rounds this call finished (OuterSequence.submit)."""
-        return await self.sequence.submit(local, tokens, delta)
+        return await self.sequence.submit(local, tokens, delta, done)
 
     async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
         """Write where the next inner loop starts into `local` (θ, or overlapped, θ plus our share of the round in

@@ -73,7 +73,8 @@ async def wait_until_all_live(swarms, timeout: float = 20.0) -> None:
 async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_identical():
     """Three peers, four overlapped steps. Each inner loop (here: two random moves) starts from the peer's guess;
     on even steps the round lands a fifth of the way and the model merges onto θ there, on odd steps it lands only
-    when the next work is handed over (the merge then enters the next Δ, as at the loop's end)."""
+    when the next work is handed over (the merge then enters the next Δ, as at the loop's end: by the share of a
+    loop each peer trained, here a whole one, 0.3 and 0.05 for loops cut short)."""
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
         async with running_swarms(nodes, theta, lambda i: overlapped()) as swarms:
@@ -93,11 +94,13 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
                         assert s.shift_inner_loop(models[i], 0.2)
                         assert_close(models[i], want, f"step {step}: peer {i} is not merged onto θ")
                 models = [perturbed(m, 50 + 10 * step + i) for i, m in enumerate(models)]  # second half
-                reports = await asyncio.gather(*[s.submit(m, t) for s, m, t in zip(swarms, models, tokens)])
+                trained = [1.0, 0.3, 0.05]
+                handed = [s.submit(m, t, done=d) for s, m, t, d in zip(swarms, models, tokens, trained)]
+                reports = await asyncio.gather(*handed)
                 if step % 2 == 1:  # the round of the last step lands within this hand-over
                     assert [[r.status for r in rs] for rs in reports] == [[StepStatus.AVERAGED]] * 3
                     assert len({rs[0].params_sha256 for rs in reports}) == 1
-                    models_on_theta = [ref.merged(m, g, 1.0) for m, g in zip(models, guesses)]
+                    models_on_theta = [ref.merged(m, g, d) for m, g, d in zip(models, guesses, trained)]
                 else:
                     assert reports == [[], [], []]
                     models_on_theta = models
