@@ -68,6 +68,14 @@ class NodeConfig:
             raise ValueError("a swarm key has at least 32 bytes")
 
 
+DAEMON_ENV = {"LIBP2P_TCP_REUSEPORT": "false"}
+"""Added to the p2p daemon's environment. By default libp2p dials from its listening port (SO_REUSEPORT), so two
+peers that dial each other at once, as two matchmaking peers waiting for each other do, can meet in one TCP
+simultaneous open: both then start the noise handshake as its initiator and both dials fail ("noise: message is too
+short"), after which libp2p backs off dialing that peer. Over links with 100 ms round trips that happened every time
+(8 of 8; tests/test_delayline.py), and a peer was left out of every round of a blocking run. Dialing from ephemeral
+ports, the two dials are two connections and both succeed."""
+
 _spawning = 0  # SwarmNode.create calls in progress that want the p2p daemon in a session of its own
 _plain_exec = None
 
@@ -83,8 +91,9 @@ def _daemon_in_own_session():
     signals in the child instead does not work: the Go daemon installs its own SIGINT/SIGTERM handlers (measured).
 
     hivemind spawns the daemon with `asyncio.subprocess.create_subprocess_exec` deep inside `P2P.create` and has no
-    option for it, so this swaps that function for one that adds `start_new_session=True` for the p2pd binary
-    only, and only while some node is being created (nodes created concurrently in one loop share the swap).
+    option for it, so this swaps that function for one that adds `start_new_session=True` (and DAEMON_ENV) for the
+    p2pd binary only, and only while some node is being created (nodes created concurrently in one loop share the
+    swap).
     """
     global _spawning, _plain_exec
     if _spawning == 0:
@@ -96,6 +105,7 @@ def _daemon_in_own_session():
             path = os.path.realpath(os.fspath(program))
             if os.path.basename(path) == P2PD_FILENAME and os.path.dirname(path) == daemon_dir:
                 kwargs.setdefault("start_new_session", True)
+                kwargs["env"] = {**(kwargs.get("env") or os.environ), **DAEMON_ENV}
             return await plain(program, *args, **kwargs)
 
         asyncio.subprocess.create_subprocess_exec = exec_daemon_in_own_session
