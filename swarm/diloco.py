@@ -111,6 +111,19 @@ class SwarmConfig:
             raise ValueError("allreduce_retries must be at least 0")
 
 
+@dataclass(frozen=True)
+class RunRecords:
+    """What the DHT said at one moment about the run at outer step `step`: the live peers' heartbeats, the θ hashes
+    published for the step, and (worker 0 only) the declarations of the peers looking for its round's group. Read
+    together by Swarm.read_run; the checks that take them (Swarm.newer_state, repair_drift, missed_round) read their
+    own when they are missing or of another step."""
+
+    step: int
+    live: list
+    hashes: object
+    declarations: list | None
+
+
 class Swarm(SequenceMethods):
     """One peer's membership in a training run. Holds the global parameters θ and the outer optimizer state.
 
@@ -232,30 +245,46 @@ class Swarm(SequenceMethods):
         async with self.state_lock:
             return await asyncio.to_thread(read, *args)
 
-    async def newer_state(self, timeout_seconds: float = 60.0) -> tuple[bool, RunState | None]:
-        """(whether live peers are ahead of us, the newest state they agree on or None): one try, nothing adopted."""
+    async def read_run(self, declarations: bool = True) -> RunRecords:
+        """The DHT records that decide what becomes of the work handed over at our step, read at once: each read is a
+        round trip or more over a slow link, and the hand-over stands between two inner loops (see RunRecords)."""
+        step = self.global_step
+        reads = [self.matchmaker.live_peers(), self.node.dht.get(records.hash_key(self.namespace, step), latest=True)]
+        if declarations:
+            reads.append(self.matchmaker.declarations(step))
+        found = await asyncio.gather(*reads)
+        return RunRecords(step, found[0], found[1], found[2] if declarations else None)
+
+    async def newer_state(
+        self, timeout_seconds: float = 60.0, live: list | None = None
+    ) -> tuple[bool, RunState | None]:
+        """(whether live peers are ahead of us, the newest state they agree on or None): one try, nothing adopted.
+        `live`: the heartbeats, if already read."""
         me = self.node.peer_id
-        live = await self.matchmaker.live_peers()
+        live = await self.matchmaker.live_peers() if live is None else live
         ahead = [h for h in live if h.schema == self.schema and h.outer_step > self.global_step and h.peer_id != me]
         if not ahead:
             return False, None
         donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
         return True, await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
 
-    async def repair_drift(self, timeout_seconds: float = 60.0, same_step: bool = False) -> bool:
+    async def repair_drift(self, timeout_seconds: float = 60.0, same_step: bool = False, read=None) -> bool:
         """If most members of our last group published another θ hash than ours for that step, take their θ.
 
         Only the last group counts: groups of one step may legitimately hold different θ (e.g. --max-group-size).
         With `same_step`, only their θ of our own step is taken (a sharded peer's workers must stay at one step).
+        `read`: the RunRecords of our step, if already read.
         """
         if self.global_step == 0 or self._last_group is None or self._last_group[0] != self.global_step:
             return False
         members = set(self._last_group[1])
-        # Our hash (a model-size pass, in a thread) while the DHT answers: this check runs before every round.
-        found, mine = await asyncio.gather(
-            self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True),
-            asyncio.to_thread(self.params_sha256),
-        )
+        if read is not None and read.step == self.global_step:
+            found, mine = read.hashes, await asyncio.to_thread(self.params_sha256)
+        else:  # our hash (a model-size pass, in a thread) while the DHT answers: this check runs before every round
+            found, mine = await asyncio.gather(
+                self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True),
+                asyncio.to_thread(self.params_sha256),
+            )
         published = {peer: digest for peer, digest in records.parse_hashes(found).items() if peer in members}
         published[self.node.peer_id] = mine
         votes = collections.Counter(published.values())
@@ -298,12 +327,16 @@ class Swarm(SequenceMethods):
             others = ahead or bool(formed) or len(looking) >= self.config.matchmaking.min_group_size
         return others
 
-    async def missed_round(self, step: int) -> bool:
+    async def missed_round(self, step: int, read: RunRecords | None = None) -> bool:
         """Whether round `step` went ahead without us: enough peers of the run to form a group are done looking for
         it, and nobody looks any more. We came too late for it (swarm.sequence takes its result and carries our work
-        on). A peer that merely sat the round out (a NaN) is done looking too: one alone is not a group."""
-        me, now = self.node.peer_id, get_dht_time()
-        declared = [d for d in await self.matchmaker.declarations(step) if d.schema == self.schema and d.peer_id != me]
+        on). A peer that merely sat the round out (a NaN) is done looking too: one alone is not a group. `read`: the
+        RunRecords of that step, if already read."""
+        me = self.node.peer_id
+        fresh = read is not None and read.step == step and read.declarations is not None
+        found = read.declarations if fresh else await self.matchmaker.declarations(step)
+        now = get_dht_time()
+        declared = [d for d in found if d.schema == self.schema and d.peer_id != me]
         looking = any(d.looking and d.deadline > now for d in declared)
         done = sum(not d.looking for d in declared)
         return not looking and done >= max(2, self.config.matchmaking.min_group_size)

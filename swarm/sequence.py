@@ -98,11 +98,13 @@ class OuterSequence:
 
     # ---- agreeing on state ----------------------------------------------------------------------------------------
 
-    async def catch_up(self, timeout_seconds: float = 60.0) -> bool:
-        """If the run is ahead, every worker takes over its shard of the same newer state, or none does."""
+    async def catch_up(self, timeout_seconds: float = 60.0, read=None) -> bool:
+        """If the run is ahead, every worker takes over its shard of the same newer state, or none does. `read`: the
+        RunRecords of our step, if already read (Swarm.read_run)."""
         swarm = self.swarm
-        for _ in range(3):  # the run may move on during a transfer: a failed one is worth a second try
-            ahead, state = await swarm.newer_state(timeout_seconds)
+        for attempt in range(3):  # the run may move on during a transfer: a failed one is worth a second try
+            live = read.live if read is not None and attempt == 0 else None
+            ahead, state = await swarm.newer_state(timeout_seconds, live)
             seen = await self.workers.all_gather((ahead, None if state is None else state.outer_step))
             if not any(a for a, _ in seen):
                 return False
@@ -154,10 +156,10 @@ class OuterSequence:
             await asyncio.sleep(mm.poll_interval_seconds)
         logger.warning(f"round {step} did not finish within the bound; training on from outer step {step}")
 
-    async def repair_drift(self) -> bool:
+    async def repair_drift(self, read=None) -> bool:
         """Take the θ most members of our last group hold if ours differs (see Swarm.repair_drift); every worker
         checks its own shard, and a sharded peer takes only θ of its own step, so its workers stay at one step."""
-        repaired = await self.swarm.repair_drift(same_step=self.workers.size > 1)
+        repaired = await self.swarm.repair_drift(same_step=self.workers.size > 1, read=read)
         repaired = any(await self.workers.all_gather(repaired))
         if repaired:
             self._next_round(self.swarm.global_step)
@@ -216,8 +218,9 @@ class OuterSequence:
         # it left. Up to MAX_STALE_ROUNDS behind, it is still our work on nearly the run's θ: we take the run's θ
         # and bring the work to its current round (or, if that round went ahead without us too, to the next one).
         # Further behind, or when our θ drifted from our group's (repair_drift), the work is dropped.
-        caught_up = await self.catch_up()
-        repaired = not caught_up and await self.repair_drift()
+        read = await swarm.read_run(declarations=self.workers.rank == 0)  # the checks below, their reads at once
+        caught_up = await self.catch_up(read=read)
+        repaired = not caught_up and await self.repair_drift(read)
         if repaired or swarm.global_step - step > MAX_STALE_ROUNDS:
             if not repaired:
                 logger.warning(
@@ -226,7 +229,7 @@ class OuterSequence:
                 )
             await self._rejoin()
             return [*reports, await self._report(StepStatus.RESYNCED, 0, started, next_step=False)]
-        missed = await swarm.missed_round(swarm.global_step) if self.workers.rank == 0 else None
+        missed = await swarm.missed_round(swarm.global_step, read) if self.workers.rank == 0 else None
         if await self.workers.broadcast(missed):
             logger.info(f"outer step {swarm.global_step + 1}: formed without this peer; taking its result")
             await self._rejoin(wait_for_round=True)
