@@ -89,10 +89,25 @@ def install(namespace: str, address: str, subnet: str, delay_ms: float, veth: st
         ["ip", "netns", "exec", namespace, sys.executable, os.path.abspath(__file__),
          "--dev", DEVICE, "--delay-ms", str(delay_ms)],
     )  # fmt: skip
-    # Routes last: until the delay line holds the device, packets sent to it are dropped, not sent undelayed.
-    time.sleep(0.2)
-    for half in halves:
-        _ip("-n", namespace, "route", "add", half, "dev", DEVICE, "src", address)
+    try:
+        # Routes last, once the delay line holds the device (its carrier is up): until then the device drops what
+        # it is sent, so connections made meanwhile would fail.
+        deadline = time.monotonic() + 30
+        while (
+            "NO-CARRIER"
+            in subprocess.run(
+                ["ip", "-n", namespace, "link", "show", DEVICE], capture_output=True, text=True, check=True
+            ).stdout
+        ):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the delay line of {namespace} did not start (exit status {process.poll()})")
+            time.sleep(0.05)
+        for half in halves:
+            _ip("-n", namespace, "route", "add", half, "dev", DEVICE, "src", address)
+    except BaseException:
+        process.kill()  # deleting a namespace does not end what runs in it
+        process.wait()
+        raise
     return process
 
 

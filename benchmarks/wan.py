@@ -72,6 +72,14 @@ class Links:
 
     def __enter__(self) -> Links:
         self._delete()  # leftovers of an interrupted run
+        try:
+            self._create()
+        except BaseException:
+            self.__exit__()  # a half-made topology goes too, delay lines included
+            raise
+        return self
+
+    def _create(self) -> None:
         hub = f"{PREFIX}-hub"
         _ip("netns", "add", hub)
         _ip("-n", hub, "link", "set", "lo", "up")
@@ -94,7 +102,6 @@ class Links:
             if self.delay_ms > 0:
                 line = delayline.install(ns, self.address(i), f"{SUBNET}.0/24", self.delay_ms)
                 self.delay_lines.append(line)
-        return self
 
     def __exit__(self, *exc) -> None:
         self._delete()  # it ends the delay lines too: they run in our namespaces

@@ -36,7 +36,9 @@ the floor above asked for -0.07, and the slow peer banned its honest partners. O
 how strongly the others pull against us: beyond chance, the lean floor drops by that pull (a cosine) times the
 part's length over ours, times ALIGNMENT_FACTOR. Then a negated or zeroed average passes where the others cancel us
 (nothing can tell it from an honest one there); the ratio bound still holds, and members whose contributions the
-others do not cancel still catch it.
+others do not cancel still catch it. A liar can use this: a contribution against ours to the part we reduce lowers
+our floor for the part it reduces, and it sees the others' contributions to its own part only, not to ours, so it
+must guess at ours (a negated copy of its own Δ is a fair guess in DiLoCo).
 
 What a crafted lie can still do (the reducer holds every x_k,i of its part, so it can aim): any average within the
 bounds of every honest member passes. Found by bisection on those Δ's: the honest average plus a vector orthogonal to
@@ -146,6 +148,13 @@ def our_share(weight: float, weights: Sequence[float], members: int) -> float:
     return mine / (mine + others) if math.isfinite(others) else 0.0
 
 
+def _others_cosine(figures: Figures, share: float) -> float:
+    """The cosine between our contribution x and the others' o = avg - share·x in a part, from its figures:
+    <o, x> / |x|^2 = lean - share and |o|^2 / |x|^2 = ratio^2 - 2·share·lean + share^2 (0 where o vanishes)."""
+    length = math.sqrt(max(0.0, figures.ratio**2 - 2 * share * figures.lean + share**2))
+    return max(-1.0, min(1.0, (figures.lean - share) / length)) if length > 0 else 0.0
+
+
 def judge(part: Figures, reference: Figures | None, share: float) -> str | None:
     """Why `part` cannot be an honest average, or None if it can be.
 
@@ -166,10 +175,10 @@ def judge(part: Figures, reference: Figures | None, share: float) -> str | None:
     floor = LEAN_FRACTION * expected - chance * (part.ratio + share)
     if reference is not None:
         # Where the others' contributions pull against ours in the part we reduced ourselves, beyond chance, they
-        # do so in every part, in proportion to its length over ours: lower the floor by as much (ALIGNMENT_FACTOR
+        # do so in every part, in proportion to their length over ours: lower the floor by as much (ALIGNMENT_FACTOR
         # for the spread between parts). See "Contributions that cancel ours" above.
-        pull = (reference.lean - share) / reference.ratio + SPREAD / math.sqrt(reference.numel)
-        floor += ALIGNMENT_FACTOR * min(0.0, pull) * part.ratio
+        pull = min(0.0, _others_cosine(reference, share) + SPREAD / math.sqrt(reference.numel))
+        floor += ALIGNMENT_FACTOR * pull * (part.ratio + share)  # |others| <= |avg| + |ours| in the part
     if part.lean < floor:
         return (
             f"it leans {part.lean:.3g} towards our contribution, an average with our share {share:.3g} at least"

@@ -33,7 +33,8 @@ incomplete under churn, so a leader also waits for the members of the peer's pre
 says where they are: at another step (not waited for), or leading a search of their own with a smaller peer id
 (then we follow it). Either way two leaders never close two groups for one step without knowing of each other. After
 a failed round, its members retry each when it learns of the failure: the first waits for the others (`regroup`),
-although their declarations from the failed try say they are done with the step.
+although their declarations from the failed try say they are done with the step (one still stuck in the failed
+all-reduce is waited for until it retries, or at most until the deadline).
 """
 
 from __future__ import annotations
@@ -213,6 +214,11 @@ class _Looking:
     unreachable: dict[PeerID, float] = field(default_factory=dict)
     """Peers we gave up on because they did not answer, with the deadline of the declaration we knew then: a
     declaration made after that (a restarted peer with the same identity, or a new try) brings them back."""
+    lost: frozenset = frozenset()
+    """The caller's `exclude` (members lost in a failed round of this step): never waited for, even once back."""
+    taken_back: set[PeerID] = field(default_factory=set)
+    """Peers brought back by a new declaration: if one fails to answer again, it is skipped only for a while (its
+    first answer may still meet the dial backoff that its crash left), not for the rest of the search."""
     heard: dict[PeerID, dict] = field(default_factory=dict)
     """The latest pong of each pinged peer."""
     better_leader: PeerID | None = None
@@ -358,7 +364,7 @@ class Matchmaker:
         # Not waited for, but still followed if they lead: a peer we wrongly took for lost loses nothing.
         # Banned peers are neither waited for nor followed, nor let in when we lead (see _handle_join).
         deadline = get_dht_time() + (self.config.timeout_seconds if timeout is None else timeout)
-        state = _Looking(outer_step, deadline, dead=set(exclude) | set(self.banned))
+        state = _Looking(outer_step, deadline, dead=set(exclude) | set(self.banned), lost=frozenset(exclude))
         state.excluded.update(dict.fromkeys(self.banned, float("inf")))
         state.regroup = set(regroup) - state.dead - {self.peer_id}
         state.known = (set(known) | state.regroup) - state.dead - {self.peer_id}
@@ -435,17 +441,21 @@ class Matchmaker:
                 continue
             gave_up = state.unreachable.get(d.peer_id)
             if gave_up is not None and d.deadline > gave_up and d.peer_id not in self.banned:
-                logger.info(f"{d.peer_id} looks for a group for step {state.outer_step} again: waiting for it")
+                logger.info(f"{d.peer_id} looks for a group for step {state.outer_step} again: taking it back")
                 del state.unreachable[d.peer_id]
-                state.dead.discard(d.peer_id)
+                if d.peer_id not in state.lost:  # lost in a failed round of this step: followed, never waited for
+                    state.dead.discard(d.peer_id)
                 state.excluded.pop(d.peer_id, None)
                 state.heard.pop(d.peer_id, None)
+                state.taken_back.add(d.peer_id)
             state.declared[d.peer_id] = d.deadline
 
     def _unreachable(self, state: _Looking, peer: PeerID) -> None:
-        """Neither wait for `peer` nor follow it, until it declares itself looking anew (_note_declarations)."""
+        """Neither wait for `peer` nor follow it, until it declares itself looking anew (_note_declarations); one
+        taken back before is tried as a leader again after a while."""
         state.dead.add(peer)
-        state.excluded[peer] = float("inf")
+        again = peer in state.taken_back
+        state.excluded[peer] = get_dht_time() + self.config.request_timeout_seconds if again else float("inf")
         state.unreachable[peer] = state.declared.get(peer, float("-inf"))
 
     def _maybe_close_group(self, state: _Looking, decls, live, now: float) -> Group | None:

@@ -74,8 +74,9 @@ async def test_a_peer_restarted_with_its_identity_is_followed_again_after_it_sto
                 await mm.start()
                 await asyncio.sleep(1.5)  # its heartbeat is in the DHT
                 await crashed.close()  # killed: its heartbeat outlives it, its daemon is gone
-                looking = asyncio.create_task(waiter.form_group(0, known={crashed.peer_id}, timeout=20))
-                for _ in range(50):  # the waiter pings it and gives up on it
+                await mm.close()  # its heartbeat task ends (it can no longer store anything)
+                looking = asyncio.create_task(waiter.form_group(0, known={crashed.peer_id}, timeout=30))
+                for _ in range(150):  # the waiter pings it and gives up on it
                     await asyncio.sleep(0.1)
                     if waiter._looking is not None and crashed.peer_id in waiter._looking.unreachable:
                         break
@@ -84,7 +85,7 @@ async def test_a_peer_restarted_with_its_identity_is_followed_again_after_it_sto
                 assert restarted.peer_id == crashed.peer_id
                 async with matchmakers([restarted]) as (back,):
                     theirs = await back.form_group(0, timeout=15)
-                    ours = await asyncio.wait_for(looking, 20)
+                    ours = await asyncio.wait_for(looking, 30)
                 assert theirs is not None and ours is not None
                 assert theirs.group_id == ours.group_id and theirs.size == 2
         finally:
