@@ -114,14 +114,15 @@ class SwarmConfig:
 @dataclass(frozen=True)
 class RunRecords:
     """What the DHT said at one moment about the run at outer step `step`: the live peers' heartbeats, the θ hashes
-    published for the step, and (worker 0 only) the declarations of the peers looking for its round's group. Read
-    together by Swarm.read_run; the checks that take them (Swarm.newer_state, repair_drift, missed_round) read their
-    own when they are missing or of another step."""
+    published for the step, and (worker 0 only) the declarations of the peers looking for its round's group; with
+    our own θ's hash where a drift check is due. Read together by Swarm.read_run; the checks that take them
+    (Swarm.newer_state, repair_drift, missed_round) read their own when they are missing or of another step."""
 
     step: int
     live: list
     hashes: object
     declarations: list | None
+    mine: str | None = None
 
 
 class Swarm(SequenceMethods):
@@ -250,10 +251,14 @@ class Swarm(SequenceMethods):
         round trip or more over a slow link, and the hand-over stands between two inner loops (see RunRecords)."""
         step = self.global_step
         reads = [self.matchmaker.live_peers(), self.node.dht.get(records.hash_key(self.namespace, step), latest=True)]
-        if declarations:
-            reads.append(self.matchmaker.declarations(step))
-        found = await asyncio.gather(*reads)
-        return RunRecords(step, found[0], found[1], found[2] if declarations else None)
+        reads.append(self.matchmaker.declarations(step) if declarations else asyncio.sleep(0))
+        # Our θ's hash (a model-size pass, in a thread) meanwhile, where repair_drift will compare it.
+        reads.append(asyncio.to_thread(self.params_sha256) if self._drift_check_due() else asyncio.sleep(0))
+        live, hashes, declared, mine = await asyncio.gather(*reads)
+        return RunRecords(step, live, hashes, declared, mine)
+
+    def _drift_check_due(self) -> bool:
+        return self.global_step != 0 and self._last_group is not None and self._last_group[0] == self.global_step
 
     async def newer_state(
         self, timeout_seconds: float = 60.0, live: list | None = None
@@ -275,11 +280,11 @@ class Swarm(SequenceMethods):
         With `same_step`, only their θ of our own step is taken (a sharded peer's workers must stay at one step).
         `read`: the RunRecords of our step, if already read.
         """
-        if self.global_step == 0 or self._last_group is None or self._last_group[0] != self.global_step:
+        if not self._drift_check_due():
             return False
         members = set(self._last_group[1])
-        if read is not None and read.step == self.global_step:
-            found, mine = read.hashes, await asyncio.to_thread(self.params_sha256)
+        if read is not None and read.step == self.global_step and read.mine is not None:
+            found, mine = read.hashes, read.mine
         else:  # our hash (a model-size pass, in a thread) while the DHT answers: this check runs before every round
             found, mine = await asyncio.gather(
                 self.node.dht.get(records.hash_key(self.namespace, self.global_step), latest=True),
