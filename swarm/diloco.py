@@ -171,6 +171,7 @@ class Swarm(SequenceMethods):
         """Awaited before θ or the momentum change: the peer's checkpoint, written from the live tensors in the
         background, finishes first (peers.checkpoint)."""
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
+        self._holders: tuple[int, tuple] = (-1, ())  # (outer step, live peers at it) of the last state newer_state took
         self._average: torch.Tensor | None = None  # see average_buffer
         self.state_server = StateServer(
             node, self.namespace, self.schema, self._snapshot, keep_copy_max_bytes=config.keep_buffers_max_bytes
@@ -271,7 +272,10 @@ class Swarm(SequenceMethods):
         if not ahead:
             return False, None
         donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
-        return True, await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
+        state = await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
+        if state is not None:
+            self._holders = (state.outer_step, tuple(h.peer_id for h in ahead if h.outer_step == state.outer_step))
+        return True, state
 
     async def repair_drift(self, timeout_seconds: float = 60.0, same_step: bool = False, read=None) -> bool:
         """If most members of our last group published another θ hash than ours for that step, take their θ.
@@ -333,18 +337,16 @@ class Swarm(SequenceMethods):
         return others
 
     async def missed_round(self, step: int, read: RunRecords | None = None) -> bool:
-        """Whether round `step` went ahead without us: enough peers of the run to form a group are done looking for
-        it, and nobody looks any more. We came too late for it (swarm.sequence takes its result and carries our work
-        on). A peer that merely sat the round out (a NaN) is done looking too: one alone is not a group. `read`: the
-        RunRecords of that step, if already read."""
-        me = self.node.peer_id
+        """Whether round `step` went ahead without us (Matchmaker.round_progress): formed by enough peers of the run
+        that nobody looks for it any more, or held already. We came too late for it (swarm.sequence takes its result
+        and carries our work on). `read`: the RunRecords of that step, if already read."""
         fresh = read is not None and read.step == step and read.declarations is not None
-        found = read.declarations if fresh else await self.matchmaker.declarations(step)
-        now = get_dht_time()
-        declared = [d for d in found if d.schema == self.schema and d.peer_id != me]
-        looking = any(d.looking and d.deadline > now for d in declared)
-        done = sum(not d.looking for d in declared)
-        return not looking and done >= max(2, self.config.matchmaking.min_group_size)
+        if fresh:
+            found, live = read.declarations, read.live
+        else:
+            found, live = await asyncio.gather(self.matchmaker.declarations(step), self.matchmaker.live_peers())
+        progress, _ = self.matchmaker.round_progress(step, found, live, get_dht_time())
+        return progress is not None
 
     async def live_others(self) -> int:
         """How many other live peers of the run could average with us."""
@@ -384,6 +386,12 @@ class Swarm(SequenceMethods):
         await self._changing_state(self.outer.load, unflatten(state.params, self.params), momentum)
         self.global_step = state.outer_step
         self.matchmaker.set_outer_step(self.global_step)
+        step, holders = self._holders
+        if step == state.outer_step and holders:
+            # The peers that held this θ stand in for the group we would have averaged with: our next search waits
+            # for them even if the DHT does not show them (a newcomer's view of it may be partial for a while), and
+            # our next drift check compares with them.
+            self._last_group = (step, holders)
         if self.residual is not None:
             self.residual.zero_()  # errors against a θ we no longer hold
 

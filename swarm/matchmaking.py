@@ -9,7 +9,8 @@ there, so groups converge on the smallest peer id; a leader that refuses, dies, 
 next one is tried (one that did not answer is taken back once it declares itself looking anew: a crashed peer
 restarted with its identity is the same peer). A peer that finds no group before its deadline gets None and averages
 alone; one that sees no other live peer of its run at all for a few seconds (`alone_after_seconds`) gets a group of
-one at once instead.
+one at once instead; one that sees the round go ahead without it (peers done with the step are past it) gets
+RoundHeld, and takes the run's θ rather than make a second θ of the step.
 
 Join protocol (one binary stream per join, frames from `swarm.wire`):
   follower -> leader: {"type": "join", "step": t, "schema": s, "deadline": d, "direct": [[ip, port], ...],
@@ -180,6 +181,17 @@ def _shard_nodes_value(nodes) -> list:
     return [[node.to_base58(), [list(e) for e in endpoints], key] for node, endpoints, key in nodes]
 
 
+@dataclass(frozen=True)
+class RoundHeld:
+    """form_group's answer when the round was held without us while we looked for it: peers that were done with it
+    are past it. Averaging alone now would make a second θ of the step; the caller takes the run's θ instead and
+    carries its work into the next round (swarm.sequence)."""
+
+    outer_step: int
+    past: tuple[PeerID, ...]
+    """The peers done with the round and past it: they hold its θ."""
+
+
 @dataclass
 class _Follower:
     deadline: float
@@ -346,9 +358,9 @@ class Matchmaker:
 
     async def form_group(
         self, outer_step: int, exclude=(), known=(), timeout: float | None = None, regroup=()
-    ) -> Group | None:
+    ) -> Group | RoundHeld | None:
         """Find a group for `outer_step` within `timeout` (default: the configured one); None if this peer should
-        average alone.
+        average alone; RoundHeld if the round went ahead without us meanwhile (see round_progress).
 
         A group of this peer alone comes back early when no other peer of the run is alive (see alone_after_seconds).
 
@@ -405,6 +417,10 @@ class Matchmaker:
                 if best != self.peer_id:
                     target = best
                 else:
+                    # Before closing: late peers that closed a group of their own would split the step in two θs.
+                    held = self._held_without_us(state, decls, live, now)
+                    if held is not None:
+                        return held
                     group = self._maybe_close_group(state, decls, live, now)
                     if group is not None:
                         return group
@@ -487,6 +503,41 @@ class Matchmaker:
         if now >= earliest - min(1.0, 0.1 * cfg.timeout_seconds) - cfg.poll_interval_seconds:
             return self._close_group(state)
         return None
+
+    def round_progress(self, step: int, decls, live, now: float, ignore=()) -> tuple[str | None, frozenset]:
+        """Where round `step` stands for a peer that comes to it only now, from the round's declarations and the
+        heartbeats: ("held", the peers past it) when peers done with it are past it (it went ahead without us);
+        ("in flight", ()) when enough peers to form a group are done with it and nobody looks for it any more (it
+        was formed without us, its all-reduce is under way); (None, ()) while we may still take part. A peer that
+        merely sat the round out (a NaN) is done with it too, but it is neither a group nor past the round. Peers in
+        `ignore` (our followers, and peers we gave up on) count for neither."""
+        others = [d for d in decls if d.schema == self.schema and d.peer_id != self.peer_id and d.peer_id not in ignore]
+        if any(d.looking and d.deadline > now for d in others):
+            return None, frozenset()
+        done = {d.peer_id for d in others if not d.looking}
+        past = done & {h.peer_id for h in live if h.schema == self.schema and h.outer_step > step}
+        if past:
+            return "held", frozenset(past)
+        if len(done) >= max(2, self.config.min_group_size):
+            return "in flight", frozenset()
+        return None, frozenset()
+
+    def _held_without_us(self, state: _Looking, decls, live, now: float) -> RoundHeld | None:
+        """RoundHeld if the round went ahead without us while we led a search for it (see round_progress).
+
+        Waiting on would only end in averaging alone at the deadline: one step, two θs. Not after a failed try of
+        the round: its members declared themselves done before it failed and retry each when it learns of it, and
+        with --max-group-size another group of the step may have gone ahead legitimately."""
+        if state.regroup:
+            return None
+        progress, past = self.round_progress(state.outer_step, decls, live, now, ignore={*state.followers, *state.dead})
+        if progress != "held":
+            return None
+        logger.info(
+            f"round {state.outer_step} went ahead without this peer ({len(past)} peer(s) done with it are past it):"
+            " taking the run's state instead of averaging alone"
+        )
+        return RoundHeld(state.outer_step, tuple(sorted(past, key=lambda p: p.to_bytes())))
 
     def _anyone_else(self, state: _Looking, decls, live, now: float) -> bool:
         """Whether any other peer we could average with is alive in the run, at this step or any other.

@@ -12,6 +12,7 @@ class StepStatus(str, enum.Enum):
     ALLREDUCE_FAILED = "allreduce_failed"  # θ unchanged, local work carried into the next step
     NONFINITE = "nonfinite"  # Δ had NaN/inf: nothing sent, round sat out, caller restarts from θ
     RESYNCED = "resynced"  # the run was ahead: θ taken over from peers, caller restarts from θ
+    MISSED = "missed"  # the round went ahead without us while we looked for it: work carried, caller restarts from θ
 
 
 @dataclass

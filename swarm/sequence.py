@@ -37,6 +37,7 @@ import torch
 
 from swarm.allreduce import AllReduceError
 from swarm.flat import all_finite, difference, unflatten
+from swarm.matchmaking import RoundHeld
 from swarm.overlap import merge, merge_share, to_start_point
 from swarm.report import OuterStepReport, StepStatus
 from swarm.wire import ProtocolError
@@ -394,6 +395,8 @@ class OuterSequence:
                     step, exclude=excluded, known=known, timeout=budget, regroup=regroup
                 )
             group = await workers.broadcast(group)
+            if isinstance(group, RoundHeld):
+                return await self._held_without_us(step, delta, tokens, started, attempt)
             if group is None or group.size == 1:
                 timeout = budget or swarm.config.matchmaking.timeout_seconds
                 why = f"no group within {timeout:.0f}s" if group is None else "no other peer"
@@ -443,6 +446,22 @@ class OuterSequence:
             attempts=attempt,
             members=[p.to_base58() for p in group.peer_ids],  # the peers (their worker 0), not our shard's nodes
         )
+
+    async def _held_without_us(
+        self, step: int, delta: torch.Tensor, tokens: int, started: float, attempts: int
+    ) -> OuterStepReport:
+        """The round went ahead without us while we looked for it (matchmaking.RoundHeld): nothing is applied, and
+        our work goes into the next round, as after a failed round. Blocking, we take the run's θ at once, so that
+        the next inner loop starts where the others' do; overlapped, our next inner loop already started from a
+        guess made against our θ, so the hand-over computes the contribution against it and then catches up."""
+        logger.info(f"outer step {step + 1}: held without this peer; its work goes into the next round")
+        if self.overlap:
+            self._failed()
+        else:
+            # Our Δ may be the caller's memory, into which the caller now copies θ.
+            self._work = _Work(await asyncio.to_thread(delta.clone), "carried", tokens, None)
+            await self.catch_up()
+        return await self._report(StepStatus.MISSED, 0, started, attempts=attempts, next_step=False)
 
     async def _report(self, *args, **kwargs) -> OuterStepReport:
         report = await self.swarm._advance(*args, **kwargs)

@@ -1,5 +1,5 @@
 """Matchmaking after faults, on real nodes: one step must never split into two groups (two θs) because members learn
-of a failure at different moments, or because a member came back from a crash."""
+of a failure at different moments, because a member came back from a crash, or because a peer came too late."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import contextlib
 import pytest
 
 from swarm import NodeConfig, SwarmNode
-from swarm.matchmaking import Matchmaker, MatchmakingConfig
+from swarm.matchmaking import Matchmaker, MatchmakingConfig, RoundHeld
 from tests.conftest import swarm_of
 
 SCHEMA = "0" * 32
@@ -92,3 +92,27 @@ async def test_a_peer_restarted_with_its_identity_is_followed_again_after_it_sto
             await nodes[big].close()
             if restarted is not None:
                 await restarted.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_peer_that_looks_for_a_round_held_without_it_stops_looking_and_learns_who_holds_it():
+    """Two peers average round 0 and move on to step 1 before the third is seen at step 0 (it was away, or the
+    leader's view of the DHT missed it). The third then looks for round 0: nobody else looks for it, and its DHT
+    shows live peers, so it used to wait out its whole timeout and average alone, a second θ of the step. It must
+    stop at once and say who holds the round's θ."""
+    async with swarm_of(3) as (_, nodes), matchmakers(nodes[:2]) as early:
+        groups = await asyncio.gather(*(m.form_group(0) for m in early))
+        assert groups[0] is not None and groups[0].size == 2 and groups[0].group_id == groups[1].group_id
+        for m in early:
+            m.set_outer_step(1)  # the round landed
+        async with matchmakers(nodes[2:], timeout=20) as (late,):
+            started = asyncio.get_running_loop().time()
+            held = await late.form_group(0)
+            waited = asyncio.get_running_loop().time() - started
+        assert isinstance(held, RoundHeld), held
+        assert held.outer_step == 0 and set(held.past) == {m.peer_id for m in early}
+        assert waited < 8, f"looked for {waited:.1f}s for a round that was over"
+        # A retry after a failed try of the round is another matter: its members' "done" is from before it failed.
+        async with matchmakers(nodes[2:], timeout=3) as (late,):
+            regroup = {early[0].peer_id}
+            assert await late.form_group(0, known=regroup, regroup=regroup) is None

@@ -236,6 +236,40 @@ async def test_newcomer_takes_over_the_runs_state_then_averages_with_it():
 
 
 @pytest.mark.timeout(120)
+async def test_a_peer_whose_round_went_ahead_while_it_looked_takes_the_runs_theta_and_carries_its_work():
+    """A peer looks for round 0 while two others average it without it (here they exclude it; on a real run, a
+    leader whose DHT view missed it does the same) and move on. It must not wait out its timeout and average alone
+    (a second θ of step 0): it takes the run's θ of step 1 and keeps its work for the next round."""
+    async with swarm_of(3) as (_, nodes):
+        theta = make_params()
+        async with running_swarms(nodes, theta, lambda i: config(timeout=20)) as swarms:
+            early, late = swarms[:2], swarms[2]
+            for s in early:
+                s.matchmaker.ban(late.node.peer_id, "left out on purpose by the test")
+            mine = perturbed(theta, 2)
+            looking = asyncio.create_task(late.outer_step(mine, 100))
+            for _ in range(100):  # it looks for round 0 before the others begin
+                if late.matchmaker._looking is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert late.matchmaker._looking is not None
+            started = asyncio.get_running_loop().time()
+            locals_ = [perturbed(theta, i) for i in range(2)]
+            reports = await asyncio.gather(*[s.outer_step(loc, 100) for s, loc in zip(early, locals_)])
+            assert [r.group_size for r in reports] == [2, 2]
+            for s, r in zip(early, reports):
+                await s.publish_hash(r)
+            report = await asyncio.wait_for(looking, 30)
+            assert asyncio.get_running_loop().time() - started < 12, "it waited for a round that was over"
+            assert report.status == StepStatus.MISSED and report.restart_from_global
+            assert late.global_step == 1 and report.params_sha256 == reports[0].params_sha256
+            assert report.carried_tokens == 100 and late.carries_work
+            # It holds the run's θ of step 1, not a θ of its own.
+            expected, _ = reference_outer_step(theta, locals_, [100, 100])
+            assert_params_close(late.params, expected)
+
+
+@pytest.mark.timeout(120)
 async def test_max_group_size_splits_the_run_into_full_groups():
     async with swarm_of(4) as (_, nodes):
         theta = make_params()
