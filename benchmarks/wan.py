@@ -4,6 +4,7 @@ with tbf. Compute utilization, tokens/s and loss per peer, blocking against over
     python benchmarks/wan.py [--peers 3] [--rate 50mbit] [--model benchmarks/models/llama-5m.json]
         [--inner-steps 10] [--outer-steps 12] [--batch-size 4] [--seq-len 64] [--slow 1] [--slow-factor 4]
         [--arms blocking-equal,overlap-equal,blocking-uneven,overlap-uneven] [--compression int8] [--delay-ms 0]
+        [--max-lag 1]
 
 Needs root (network namespaces, veth pairs, tc), except with `--rate none` (every node on 127.0.0.1, uncapped).
 The topology: a hub namespace holding a bridge, and each node (the bootstrap node and every peer) in a namespace of
@@ -21,7 +22,9 @@ that much longer. Per peer, over the steady outer steps (the first two and the l
 the round in flight at the end):
 - utilization: inner-loop seconds over wall seconds between metrics records;
 - tokens/s; inner steps per outer step; statuses of its rounds;
-- wait: seconds the peer's compute waited for the swarm between inner loops.
+- wait: seconds the peer's compute waited for the swarm, between inner loops or (overlapped, at `--max-lag`) in one;
+- landed: overlapped, the mean share of the next inner loop trained when a round landed (what its quality costs
+  depends on: README, Overlap).
 And per arm: the training loss against the swarm's tokens, whether θ hashes agree within every group, and traffic
 per token against data-parallel fp32 (a ring all-reduce of every step's gradient, 2(k-1)/k x 4 bytes per parameter
 per worker).
@@ -155,7 +158,8 @@ def run_arm(opts: dict, arm: str, workdir: str) -> list[list[dict]]:
             "--batch-size", str(batch), "--seq-len", str(opts["seq_len"]),
             "--compression", opts["compression"], "--min-group-size", "2",
             "--eval-dataset", "none", "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
-            "--overlap" if mode == "overlap" else "--no-overlap", *opts["peer_args"],
+            *(["--overlap", "--overlap-max-lag", str(opts["max_lag"])] if mode == "overlap" else ["--no-overlap"]),
+            *opts["peer_args"],
         ])  # fmt: skip
     with links:
         run_to_end(rundir, args, opts["timeout"], place=lambda i: (f"/ip4/{links.address(i)}/tcp/0", links.prefix(i)))
@@ -201,6 +205,13 @@ def numel_of(model: str, seed: int = 0) -> int:
     default=0.0,
     help="Latency added to every packet each node sends (a user-space delay line): round trip 2x this.",
 )
+@click.option(
+    "--max-lag",
+    type=click.FloatRange(0, 1),
+    default=1.0,
+    help="The overlapped arms' --overlap-max-lag (1: the round may take a whole inner loop, as the arms measure; "
+    "swarm-peer's default is 0.1).",
+)
 @click.option("--arms", default=",".join(ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")
 @click.option("--peer-args", default="", help="More swarm-peer flags for every peer.")
 @click.option("--timeout", type=float, default=1800.0, help="Seconds one arm may run.")
@@ -237,13 +248,17 @@ def main(**opts) -> None:
         results[arm] = {"peers": figures, "groups_agree": groups_agree(peers), "curve": curve}
         print(f"\n{arm} ({time.perf_counter() - started:.0f} s); θ hashes agree within every group: "
               f"{results[arm]['groups_agree']}")  # fmt: skip
-        print(f"  {'peer':<6}{'util':>7}{'tok/s':>9}{'step s':>8}{'wait s':>8}{'H':>6}{'traffic x':>11}  statuses")
+        print(
+            f"  {'peer':<6}{'util':>7}{'tok/s':>9}{'step s':>8}{'wait s':>8}{'H':>6}{'landed':>8}{'traffic x':>11}"
+            "  statuses"
+        )
         for i, f in enumerate(figures):
             ratio = dp_bytes_per_token / f["bytes_per_token"] if f["bytes_per_token"] else float("inf")
             f["traffic_reduction"] = ratio
             print(
                 f"  {i:<6}{f['utilization']:>7.3f}{f['tokens_per_second']:>9.0f}{f['step_seconds']:>8.2f}"
-                f"{f['wait_seconds']:>8.2f}{f['inner_steps']:>6.1f}{ratio:>10.0f}x  {f['statuses']} {f['group_sizes']}"
+                f"{f['wait_seconds']:>8.2f}{f['inner_steps']:>6.1f}{f['landed_at']:>8.2f}{ratio:>10.0f}x"
+                f"  {f['statuses']} {f['group_sizes']}"
             )
         # The same bytes per round carry H x batch tokens: per token, against data-parallel fp32, at H = 100.
         per_round = statistics.mean(f["bytes_per_round"] for f in figures)

@@ -40,11 +40,13 @@ def peer_figures(records: list[dict]) -> dict:
     wall = sum(records[i]["time"] - records[i - 1]["time"] for i in steady)
     compute = sum(records[i]["compute_seconds"] for i in steady)
     tokens = sum(records[i]["tokens"] for i in steady)
+    landed = [records[i]["landed_at"] for i in steady if "landed_at" in records[i]]
     return {
         "utilization": compute / wall if wall else float("nan"),
         "tokens_per_second": tokens / wall if wall else float("nan"),
         "wait_seconds": statistics.mean(records[i].get("wait_seconds", 0.0) for i in steady) if steady else 0.0,
         "inner_steps": statistics.mean(r.get("inner_steps", 0) for r in records),
+        "landed_at": statistics.mean(landed) if landed else float("nan"),
         "statuses": dict(collections.Counter(r["status"] for r in records)),
         "group_sizes": dict(collections.Counter(r["group_size"] for r in records)),
         "bytes_per_token": sum(r["bytes_sent"] for r in records) / max(1, sum(r["tokens"] for r in records)),

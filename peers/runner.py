@@ -12,7 +12,7 @@ import math
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -66,6 +66,10 @@ class PeerConfig:
     outer optimizer stay fp32 on the host."""
     workers: int = 1
     """Local workers the model is sharded over (FSDP); 1 trains the whole model in this process."""
+    overlap_max_lag: float = 0.1
+    """Overlapped (swarm.overlap): the share of an inner loop after which the loop waits for the round in flight if
+    it has not landed yet. The later a round lands, the longer the loop trains from a guess of θ, and the more
+    quality it costs (README, Overlap); 1: the loop never waits (the hand-over at its end does)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
@@ -112,6 +116,8 @@ class Peer:
         self._run_facts = RunFacts()
         self._unsaved = True  # something a checkpoint would hold changed since the last one was started
         self._loop_steps = 0  # inner steps taken in the loop under way: how far in a landing round finds it
+        self._lag_waited = 0.0  # how long the loop under way (or the last one) waited for the round in flight
+        self._landed_at: float | None = None  # the share of that loop trained when its round in flight landed
         self._checkpoint_holds_model = False  # the checkpoint in flight holds the model's own parameters
         self._peak_flops = devices.peak_bf16_flops(self.device)
         self._params = sum(p.numel() for p in self.model.parameters())
@@ -247,6 +253,7 @@ class Peer:
         inner loop's work finishes during the next inner loop, so its record is written one loop later; the work
         waiting for its round queues in `waiting`, and each report that comes back closes the oldest."""
         waiting: list[tuple[InnerResult, float]] = []  # (inner loop result, when its outer step began)
+        kept = None  # overlapped: the interrupted inner loop whose work the model keeps
         while not await self._stop_now():
             if self.config.outer_steps is not None and self.completed_steps + len(waiting) >= self.config.outer_steps:
                 break
@@ -257,8 +264,9 @@ class Peer:
                 await self.checkpointer.wait_async()  # it reads the model and θ, which the outer step changes
             if result.interrupted:
                 if self.config.swarm.overlap:
-                    # The work since the last round is dropped: the model goes back to the run's θ below.
+                    # Kept below, once the round in flight has landed: merged onto its θ, as a hand-over would.
                     logger.info("stopping: inner loop interrupted; finishing the round in flight")
+                    kept = result
                 else:
                     # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
                     self._pending_tokens += result.tokens
@@ -271,24 +279,43 @@ class Peer:
             waiting.append((result, step_started))
             waited = time.perf_counter()
             reports = await self._outer_step(result)
-            wait = time.perf_counter() - waited
+            wait = time.perf_counter() - waited + self._lag_waited  # the hand-over, and the loop's wait for a round
             for report in reports:
-                await self._close_step(*waiting.pop(0), report, wait)
+                # The round that flew during the loop: it merged into the model at _landed_at, or at the loop's end.
+                landed = (1.0 if self._landed_at is None else self._landed_at) if report is reports[0] else None
+                await self._close_step(*waiting.pop(0), report, wait, landed)
             await self._start_inner_loop()
-        if waiting:
+        if waiting or kept is not None:
             report = await self.swarm.finish()  # the round in flight finishes with its group before we leave
-            if report is not None:
+            if kept is not None:
+                # The interrupted loop's work stays in the model, against θ, as a blocking peer's does: the
+                # checkpoint keeps it, and the next Δ (after a restart, too) carries it.
+                await self._before_model_change()
+                done = self._loop_steps / self.config.inner_steps
+                self._pending_tokens = await asyncio.to_thread(
+                    self.swarm.settle, self._local_params(), kept.tokens, done
+                )
+                self._model_step, self._unsaved = None, True
+                logger.info("stopping: the interrupted inner loop's partial work is kept in the checkpoint")
+            elif report is not None:
                 await self._after_round(report, sum(r.tokens for r, _ in waiting))
+            if report is not None:
                 await self._close_step(*waiting.pop(0), report, 0.0)
-            await self._load_theta()
-            self._pending_tokens = 0
+            if kept is None:
+                await self._load_theta()
+                self._pending_tokens = 0
 
-    async def _close_step(self, result: InnerResult, step_started: float, report: OuterStepReport, wait: float):
-        """Evaluate, record and checkpoint the outer step whose round `report` describes."""
+    async def _close_step(
+        self, result: InnerResult, step_started: float, report: OuterStepReport, wait: float, landed=None
+    ):
+        """Evaluate, record and checkpoint the outer step whose round `report` describes. `landed`: overlapped, the
+        share of the next inner loop trained when the round's θ merged into the model (None: no loop followed it)."""
         facts = await self._step_facts(report)
         facts["eval_loss"] = await self._evaluate(report)
         facts["tokens_per_second"] = round(result.tokens / max(time.perf_counter() - step_started, 1e-9), 2)
         facts["wait_seconds"] = round(wait, 4)
+        if landed is not None and report.overlapped and report.status in (StepStatus.AVERAGED, StepStatus.ALONE):
+            facts["landed_at"] = round(landed, 4)
         facts.update(self._throughput_facts(result))
         record = self._record(result, report, facts)
         if self.checkpointer is not None:
@@ -362,18 +389,37 @@ class Peer:
 
         # The round this loop feeds: overlapped, the previous one may still be in flight, θ one step behind.
         first_step = self.swarm.next_round * self.config.inner_steps
-        self._model_step, self._unsaved, self._loop_steps = None, True, 0
+        self._model_step, self._unsaved, self._loop_steps, self._lag_waited = None, True, 0, 0.0
+        self._landed_at = None
         wait = self._wait_for_checkpoint if self.checkpointer is not None else None
         flags = (self._stop_flag(), on_step, first_step, self._called_flag(), self.swarm.carries_work)
         result = self.inner.run(self.config.inner_steps, *flags, before_step=self._before_step, before_update=wait)
         memory.trim()  # the gradients are freed: let the outer step have their memory
-        return result
+        # Waiting for the round is not compute: the record counts it as waiting for the swarm.
+        return replace(result, seconds=result.seconds - self._lag_waited)
 
     def _before_step(self) -> None:
         """Overlapped: once the round in flight has landed, the model merges onto its θ, by how much of the inner
-        loop it has trained since (see swarm.overlap)."""
+        loop it has trained since (see swarm.overlap). At `overlap_max_lag` of the loop, it waits for the round."""
+        if self.config.swarm.overlap and self._loop_steps == self._lag_steps():
+            started = time.perf_counter()
+            self._await_round()
+            self._lag_waited = time.perf_counter() - started
+            if self._lag_waited > 0.01:
+                logger.debug(f"the round in flight landed {self._lag_waited:.2f}s after {self._loop_steps} steps")
         if self._shift_due():
-            self.swarm.shift_inner_loop(self._local_params(), self._loop_steps / self.config.inner_steps)
+            moved = self.swarm.shift_inner_loop(self._local_params(), self._loop_steps / self.config.inner_steps)
+            if self._landed_at is None:  # not moved at its first chance: the loop started on the round's θ
+                self._landed_at = self._loop_steps / self.config.inner_steps if moved else 0.0
+
+    def _lag_steps(self) -> int:
+        """The inner step before which the loop waits for the round in flight (none when it is the loop's end)."""
+        return math.ceil(self.config.overlap_max_lag * self.config.inner_steps - 1e-9)
+
+    def _await_round(self) -> None:
+        """Wait until no round is in flight (a sharded peer's workers wait at the same step, then agree anew on
+        whether to shift)."""
+        self.swarm.round_over.wait()
 
     def _shift_due(self) -> bool:
         return self.swarm.shift_ready.is_set()

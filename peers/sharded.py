@@ -170,6 +170,12 @@ class ShardedPeer(Peer):
     def _shift_due(self) -> bool:
         return self._agreed.shift.is_set()
 
+    def _await_round(self) -> None:
+        # Every worker waits at the same step for its shard's round; they agreed on shifting before the wait, when
+        # the round had not landed: they agree again, so that they shift at this step, together.
+        super()._await_round()
+        self._agreed.is_set()
+
     async def _combine(self, result: InnerResult) -> InnerResult:
         """The peer's inner loop: tokens of all workers, their mean loss, the slowest worker's time."""
         everyone = await self.local.all_gather(result)

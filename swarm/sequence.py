@@ -96,6 +96,10 @@ class OuterSequence:
         self._alone: bool | None = None  # whether our last round had nobody else (before any: who is live decides)
         self.shift_ready = threading.Event()
         """Set when the round in flight has landed and the inner loop may take its shift (`shift_inner_loop`)."""
+        self.round_over = threading.Event()
+        """Set while no round is in flight: it landed, failed or was cut off (an inner loop that may not run further
+        ahead of its round waits for this; then `shift_ready` says whether there is a shift to take)."""
+        self.round_over.set()
 
     # ---- agreeing on state ----------------------------------------------------------------------------------------
 
@@ -246,7 +250,9 @@ class OuterSequence:
         self.shift_ready.clear()
         self._next_round(step + 1)
         budget = self._matchmaking_budget(inner_seconds)
+        self.round_over.clear()
         self._round = asyncio.create_task(self._run_round(step, delta, tokens, started, budget))
+        self._round.add_done_callback(lambda _: self.round_over.set())
         if not self.overlap:
             reports.append(await self.finish())
         return reports
@@ -350,6 +356,21 @@ class OuterSequence:
             merge(x, theta, seg.reshape(x.shape).to(**like), share)
         work.shifted = True
         return True
+
+    def settle(self, local: Sequence[torch.Tensor], tokens: int, done: float) -> int:
+        """On the way out of an interrupted inner loop, once no round is in flight: write into `local` θ minus all
+        the work that no round applied (the loop's, merged onto θ as a hand-over would, plus any carried work), so
+        that the caller keeps it where a blocking peer keeps its own, in its model: the next Δ against θ (after a
+        restart, too) carries it. `done`: the share of a full inner loop the interrupted one trained. Returns the
+        work's tokens. For the caller's thread."""
+        if self._round is not None:
+            raise RuntimeError("finish the round in flight before settling")
+        if self._work is None:
+            return tokens  # the loop started from θ: `local` is θ minus its work already
+        delta, _, tokens = self._contribution(local, tokens, None, done)
+        for x, p, seg in zip(local, self.swarm.params, unflatten(delta, self.swarm.params), strict=True):
+            x.copy_((p.reshape(seg.shape) - seg).reshape(x.shape))
+        return tokens
 
     @staticmethod
     def _merge_share(work: _Work, done: float) -> float:
@@ -570,9 +591,19 @@ class SequenceMethods:
         it moved."""
         return self.sequence.shift_inner_loop(local, done)
 
+    def settle(self, local: Sequence[torch.Tensor], tokens: int, done: float) -> int:
+        """Overlapped, on the way out of an interrupted inner loop: keep its work (and any work no round applied) in
+        `local`, against θ, as a blocking peer does (OuterSequence.settle); its tokens."""
+        return self.sequence.settle(local, tokens, done)
+
     @property
     def shift_ready(self) -> threading.Event:
         return self.sequence.shift_ready
+
+    @property
+    def round_over(self) -> threading.Event:
+        """Set while no round is in flight (OuterSequence.round_over)."""
+        return self.sequence.round_over
 
     async def finish(self) -> OuterStepReport | None:
         """Wait for the round in flight (overlapped), if any; its report."""

@@ -332,3 +332,57 @@ def test_three_swarm_peers_one_four_times_slower_overlapped(tmp_path):
     averaged = [r for r in slow[1:] if r["status"] == "averaged" and r["group_size"] == 3]
     assert len(averaged) >= 4, [(r["status"], r["group_size"]) for r in slow]
     assert sum(r["inner_steps"] for r in slow[1:]) < sum(r["inner_steps"] for r in records[0][1:]), "never called"
+
+
+async def run_peers(tmp_path, name: str, lag: float, count: int = 2) -> list[list[dict]]:
+    """`count` overlapped swarm peers on the embedded model in this process, with tiny inner steps (a round takes
+    longer than several of them), for 5 outer steps each; their metrics records."""
+    from peers.launch import read_metrics
+    from peers.runner import Peer, PeerConfig
+    from swarm import MatchmakingConfig, NodeConfig
+
+    async with swarm_of(0) as (bootstrap, _):
+        maddrs = await bootstrap.visible_maddrs()
+        peers = []
+        try:
+            for i in range(count):
+                mm = MatchmakingConfig(min_group_size=count, timeout_seconds=10)
+                peers.append(
+                    Peer(
+                        PeerConfig(
+                            node=NodeConfig(initial_peers=maddrs),
+                            swarm=SwarmConfig(run_id=name, overlap=True, matchmaking=mm),
+                            inner_steps=10,
+                            batch_size=1,
+                            seq_len=16,
+                            outer_steps=5,
+                            progress=False,
+                            metrics_file=str(tmp_path / f"{name}{i}.jsonl"),
+                            overlap_max_lag=lag,
+                        )
+                    )
+                )
+                await peers[-1].start()
+            await asyncio.gather(*(p.run() for p in peers))
+        finally:
+            for p in peers:
+                await p.close()
+    return [read_metrics(str(tmp_path / f"{name}{i}.jsonl")) for i in range(count)]
+
+
+@pytest.mark.timeout(240)
+async def test_an_overlapped_inner_loop_waits_for_its_round_at_the_max_lag(tmp_path):
+    """With --overlap-max-lag 0.1, no round lands later than a tenth into the next inner loop: the loop waits there
+    for it, and the wait is counted as waiting, not compute. Without the bound, the same rounds land later."""
+    bounded = await run_peers(tmp_path, "bounded", 0.1)
+    free = await run_peers(tmp_path, "free", 1.0)
+    for records in bounded:
+        landed = [r["landed_at"] for r in records if "landed_at" in r]
+        assert len(landed) >= 3, records
+        assert max(landed) <= 0.1 + 1e-9, landed
+        for before, r in zip(records, records[1:]):
+            assert r["compute_seconds"] <= r["time"] - before["time"] + 0.05, (before, r)
+    assert sum(r["wait_seconds"] for records in bounded for r in records[1:]) > 0
+    assert all(r["status"] == "averaged" for records in bounded for r in records[1:])
+    landed_free = [r["landed_at"] for records in free for r in records if "landed_at" in r]
+    assert max(landed_free) > 0.1, landed_free  # the rounds are slower than a step: the bound above did something
