@@ -109,9 +109,18 @@ network, training, data, observability, checkpoints = (
 )
 @network(
     "--overlap/--no-overlap",
-    default=False,
+    default=True,
     help="Average each outer step's pseudo-gradient while the next inner loop trains, instead of before it (the "
     "inner loop starts from θ plus this peer's own share of the round in flight).",
+)
+@network(
+    "--overlap-max-lag",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    help="With --overlap: the share of the next inner loop after which it waits for the round in flight if that has "
+    "not landed. A later round costs quality (the loop trains longer from a guess of θ: about +0.3% held-out loss "
+    "at 0.1, +2% at 0.25, +3% at 0.5), a wait costs compute time; on slow links, 1 (never wait) hides the whole "
+    "round.",
 )
 @training(
     "--inner-steps",
@@ -407,6 +416,7 @@ def build_config(flags: dict):
         precision=flags["precision"],
         device=flags["device"],
         workers=flags["nproc_per_node"],
+        overlap_max_lag=flags["overlap_max_lag"],
         eval=EvalConfig(
             dataset=None if flags["eval_dataset"] == "none" else flags["eval_dataset"],
             every_outer_steps=flags["eval_every"],

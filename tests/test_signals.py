@@ -75,31 +75,40 @@ def stop_group_and_check(peer, workdir, name: str) -> float:
 
 
 @pytest.mark.timeout(240)
-def test_group_sigterm_during_the_inner_loop_stops_cleanly_with_the_runs_theta(tmp_path):
+@pytest.mark.parametrize("mode", ["--no-overlap", "--overlap"])
+def test_group_sigterm_during_the_inner_loop_stops_cleanly_with_the_runs_theta(tmp_path, mode):
     boot = start_bootstrap(str(tmp_path), "--run-id", "sig-inner")
-    common = ["--run-id", "sig-inner", "--inner-steps", "60", *SMALL]
+    common = ["--run-id", "sig-inner", "--inner-steps", "60", mode, *SMALL]
     steady = start_peer(str(tmp_path), "steady", boot.maddrs, *common, "--outer-steps", "3",
                         "--metrics-file", str(tmp_path / "steady.jsonl"))  # fmt: skip
     leaver = start_peer(str(tmp_path), "leaver", boot.maddrs, *common, "--checkpoint-dir", str(tmp_path / "ckpt"),
                         "--metrics-file", str(tmp_path / "leaver.jsonl"), new_session=True)  # fmt: skip
+    # Blocking, a round's record is written before the next inner loop; overlapped, after it (the round flies
+    # meanwhile), and the round in flight when the signal comes finishes with the group before the peer leaves.
+    last = 1 if mode == "--no-overlap" else 2
     try:
-        # Its first record is written just before its next inner loop (60 steps, seconds) starts.
+        # Its first record is written just before an inner loop (60 steps, seconds) starts.
         wait_for(lambda: read_metrics(str(tmp_path / "leaver.jsonl")), 150, "the first outer step", leaver)
         time.sleep(0.5)
         left_at = stop_group_and_check(leaver, tmp_path, "leaver")
-        assert "inner loop interrupted" in (tmp_path / "leaver.log").read_text(), "the signal missed the inner loop"
+        log = (tmp_path / "leaver.log").read_text()
+        assert "inner loop interrupted" in log, "the signal missed the inner loop"
 
         mine = read_metrics(str(tmp_path / "leaver.jsonl"))
-        assert [r["outer_step"] for r in mine] == [1] and mine[0]["group_size"] == 2
+        assert [r["outer_step"] for r in mine] == list(range(1, last + 1)) and mine[-1]["group_size"] == 2
         assert steady.wait(timeout=120) == 0, (tmp_path / "steady.log").read_text()
         theirs = by_step(tmp_path / "steady.jsonl")
-        assert mine[0]["params_sha256"] == theirs[1]["params_sha256"]
-        # The checkpoint holds the run's θ of that step (the partial inner work sits in the model, not in θ).
-        assert checkpoint_theta(tmp_path / "ckpt") == (1, theirs[1]["params_sha256"])
+        assert mine[-1]["params_sha256"] == theirs[last]["params_sha256"]
+        # The checkpoint holds the run's θ of that step, and the interrupted loop's work beside it, in the model:
+        # nothing of it is lost (the next Δ after a restart carries it).
+        assert checkpoint_theta(tmp_path / "ckpt") == (last, theirs[last]["params_sha256"])
+        state, _ = Checkpointer(str(tmp_path / "ckpt")).load_latest()
+        assert state["pending_tokens"] > 0 and not state["model_is_theta"]
+        assert "partial work is kept in the checkpoint" in log
         # The other peer trains on without it, and does not wait out the matchmaking timeout for it.
         assert sorted(theirs) == [1, 2, 3]
-        assert theirs[2]["time"] > left_at and theirs[2]["status"] == "alone"
-        assert theirs[2]["comm_seconds"] < 20
+        assert theirs[last + 1]["time"] > left_at and theirs[last + 1]["status"] == "alone"
+        assert theirs[last + 1]["comm_seconds"] < 20
     finally:
         for p in (leaver, steady):
             stop(p)
@@ -109,12 +118,14 @@ def test_group_sigterm_during_the_inner_loop_stops_cleanly_with_the_runs_theta(t
 @pytest.mark.timeout(240)
 def test_group_sigterm_during_the_outer_step_finishes_the_round_with_the_group(tmp_path):
     boot = start_bootstrap(str(tmp_path), "--run-id", "sig-outer")
-    # The steady peer's inner loop is 30x longer: the leaver spends most of each outer step waiting for it.
+    # The steady peer's inner loop is 30x longer: the leaver spends most of each outer step waiting for it. Blocking:
+    # overlapped, the round runs behind the next inner loop, and the test above stops a peer with one in flight.
     steady = start_peer(str(tmp_path), "steady", boot.maddrs, "--run-id", "sig-outer", "--inner-steps", "150",
-                        "--outer-steps", "3", "--metrics-file", str(tmp_path / "steady.jsonl"), *SMALL)  # fmt: skip
+                        "--outer-steps", "3", "--metrics-file", str(tmp_path / "steady.jsonl"), "--no-overlap",
+                        *SMALL)  # fmt: skip
     leaver = start_peer(str(tmp_path), "leaver", boot.maddrs, "--run-id", "sig-outer", "--inner-steps", "5",
                         "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics-file", str(tmp_path / "leaver.jsonl"),
-                        *SMALL, new_session=True)  # fmt: skip
+                        "--no-overlap", *SMALL, new_session=True)  # fmt: skip
     try:
         log_file = tmp_path / "leaver.log"
         wait_for(lambda: "outer step 2: inner loop done" in log_file.read_text(), 150, "its second outer step", leaver)
