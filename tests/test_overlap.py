@@ -117,6 +117,13 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
             done = await asyncio.gather(*[s.finish() for s in swarms])
             assert len({r.params_sha256 for r in done}) == 1 and all(r.outer_step == 4 for r in done)
             assert_close(swarms[2].params, ref.theta, "θ after the last round differs from the reference")
+            # Stopped 0.4 into the next loop: the model keeps its work, merged onto θ as a hand-over would, so that
+            # its next Δ against θ carries it (as a blocking peer's model keeps its own).
+            for i, s in enumerate(swarms):
+                models[i] = perturbed(models[i], 90 + i)
+                want = ref.merged(models[i], guesses[i], 0.4)
+                assert s.settle(models[i], 7, 0.4) == 7
+                assert_close(models[i], want, f"peer {i} did not keep its interrupted loop's work")
 
 
 @pytest.mark.timeout(120)
