@@ -506,16 +506,19 @@ class Matchmaker:
 
     def round_progress(self, step: int, decls, live, now: float, ignore=()) -> tuple[str | None, frozenset]:
         """Where round `step` stands for a peer that comes to it only now, from the round's declarations and the
-        heartbeats: ("held", the peers past it) when peers done with it are past it (it went ahead without us);
-        ("in flight", ()) when enough peers to form a group are done with it and nobody looks for it any more (it
-        was formed without us, its all-reduce is under way); (None, ()) while we may still take part. A peer that
-        merely sat the round out (a NaN) is done with it too, but it is neither a group nor past the round. Peers in
-        `ignore` (our followers, and peers we gave up on) count for neither."""
-        others = [d for d in decls if d.schema == self.schema and d.peer_id != self.peer_id and d.peer_id not in ignore]
+        heartbeats: ("held", the peers past it) when nobody looks for it any more and peers of the run are past it
+        (it went ahead without us); ("in flight", ()) when enough peers to form a group are done with it and nobody
+        looks for it any more (it was formed without us, its all-reduce is under way); (None, ()) while we may still
+        take part. A peer that merely sat the round out (a NaN) is done with it too, but it is neither a group nor
+        past the round. Peers in `ignore` (our followers, and peers we gave up on) count for neither. A peer past
+        the round counts without a declaration: "done" records expire with their search's deadline, which can come
+        before a slow round lands."""
+        me = self.peer_id
+        others = [d for d in decls if d.schema == self.schema and d.peer_id != me and d.peer_id not in ignore]
         if any(d.looking and d.deadline > now for d in others):
             return None, frozenset()
         done = {d.peer_id for d in others if not d.looking}
-        past = done & {h.peer_id for h in live if h.schema == self.schema and h.outer_step > step}
+        past = {h.peer_id for h in live if h.schema == self.schema and h.outer_step > step} - {me, *ignore}
         if past:
             return "held", frozenset(past)
         if len(done) >= max(2, self.config.min_group_size):
@@ -526,9 +529,9 @@ class Matchmaker:
         """RoundHeld if the round went ahead without us while we led a search for it (see round_progress).
 
         Waiting on would only end in averaging alone at the deadline: one step, two θs. Not after a failed try of
-        the round: its members declared themselves done before it failed and retry each when it learns of it, and
-        with --max-group-size another group of the step may have gone ahead legitimately."""
-        if state.regroup:
+        the round: its members declared themselves done before it failed and retry each when it learns of it; nor
+        with a largest group size (--max-group-size): another group of the step may have gone ahead legitimately."""
+        if state.regroup or self.config.max_group_size is not None:
             return None
         progress, past = self.round_progress(state.outer_step, decls, live, now, ignore={*state.followers, *state.dead})
         if progress != "held":
