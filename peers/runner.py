@@ -253,7 +253,7 @@ class Peer:
         inner loop's work finishes during the next inner loop, so its record is written one loop later; the work
         waiting for its round queues in `waiting`, and each report that comes back closes the oldest."""
         waiting: list[tuple[InnerResult, float]] = []  # (inner loop result, when its outer step began)
-        kept = None  # overlapped: the interrupted inner loop whose work the model keeps
+        kept = None  # the interrupted inner loop, whose work the model keeps
         while not await self._stop_now():
             if self.config.outer_steps is not None and self.completed_steps + len(waiting) >= self.config.outer_steps:
                 break
@@ -263,14 +263,9 @@ class Peer:
             if self.checkpointer is not None:
                 await self.checkpointer.wait_async()  # it reads the model and θ, which the outer step changes
             if result.interrupted:
-                if self.config.swarm.overlap:
-                    # Kept below, once the round in flight has landed: merged onto its θ, as a hand-over would.
-                    logger.info("stopping: inner loop interrupted; finishing the round in flight")
-                    kept = result
-                else:
-                    # The partial inner work stays in the model; the checkpoint keeps it for the next outer step.
-                    self._pending_tokens += result.tokens
-                    logger.info("stopping: inner loop interrupted, its partial work is kept in the checkpoint")
+                flight = "; finishing the round in flight" if waiting else ""
+                logger.info(f"stopping: inner loop interrupted{flight}")
+                kept = result
                 break
             logger.info(
                 f"outer step {self.swarm.global_step + 1}: inner loop done ({result.steps} steps,"
@@ -279,31 +274,35 @@ class Peer:
             waiting.append((result, step_started))
             waited = time.perf_counter()
             reports = await self._outer_step(result)
-            wait = time.perf_counter() - waited + self._lag_waited  # the hand-over, and the loop's wait for a round
+            wait = time.perf_counter() - waited
             for report in reports:
-                # The round that flew during the loop: it merged into the model at _landed_at, or at the loop's end.
-                landed = (1.0 if self._landed_at is None else self._landed_at) if report is reports[0] else None
-                await self._close_step(*waiting.pop(0), report, wait, landed)
+                # The round that flew during the loop: it merged into the model at _landed_at, or at the loop's end;
+                # and the loop's wait for it.
+                first = report is reports[0]
+                landed = (1.0 if self._landed_at is None else self._landed_at) if first else None
+                await self._close_step(*waiting.pop(0), report, wait + (self._lag_waited if first else 0.0), landed)
             await self._start_inner_loop()
-        if waiting or kept is not None:
-            report = await self.swarm.finish()  # the round in flight finishes with its group before we leave
-            if kept is not None:
-                # The interrupted loop's work stays in the model, against θ, as a blocking peer's does: the
-                # checkpoint keeps it, and the next Δ (after a restart, too) carries it.
-                await self._before_model_change()
-                done = self._loop_steps / self.config.inner_steps
-                self._pending_tokens = await asyncio.to_thread(
-                    self.swarm.settle, self._local_params(), kept.tokens, done
-                )
-                self._model_step, self._unsaved = None, True
-                logger.info("stopping: the interrupted inner loop's partial work is kept in the checkpoint")
-            elif report is not None:
-                await self._after_round(report, sum(r.tokens for r, _ in waiting))
-            if report is not None:
-                await self._close_step(*waiting.pop(0), report, 0.0)
-            if kept is None:
-                await self._load_theta()
-                self._pending_tokens = 0
+        report = await self.swarm.finish()  # the round in flight finishes with its group before we leave
+        # Work that no round applied (the interrupted loop's, or a failed round's that the swarm carries) stays in
+        # the model, against θ, as a blocking peer's interrupted loop does: the checkpoint keeps it with its tokens,
+        # and the next Δ (after a restart, too) carries it. Overlapped, the model starts where the loop started, or
+        # at its guess when no loop ran after the last hand-over.
+        keep = kept is not None or self.swarm.carries_work
+        if keep:
+            await self._before_model_change()
+            tokens = self._pending_tokens + (0 if kept is None else kept.tokens)
+            done = 0.0 if kept is None else self._loop_steps / self.config.inner_steps
+            self._pending_tokens = await asyncio.to_thread(self.swarm.settle, self._local_params(), tokens, done)
+            self._model_step, self._unsaved = None, True
+            what = "the interrupted inner loop's partial work" if kept is not None else "work no round applied"
+            logger.info(f"stopping: {what} ({self._pending_tokens} tokens) is kept in the checkpoint")
+        elif report is not None:
+            await self._after_round(report, sum(r.tokens for r, _ in waiting))
+        if report is not None:
+            await self._close_step(*waiting.pop(0), report, 0.0)
+        if not keep and report is not None:  # overlapped: the model goes to the θ of the round it waited for
+            await self._load_theta()
+            self._pending_tokens = 0
 
     async def _close_step(
         self, result: InnerResult, step_started: float, report: OuterStepReport, wait: float, landed=None
