@@ -107,9 +107,14 @@ def test_random_kills_and_restarts_do_not_stall_diverge_or_poison_the_run(tmp_pa
     for name in names:
         mine = sorted((r for r in records if r["name"] == name), key=lambda r: r["time"])
         per_peer += [b["time"] - a["time"] for a, b in zip(mine, mine[1:]) if b["outer_step"] == a["outer_step"] + 1]
+    # Overlapped, a step is its inner loop alone, the round hidden behind the next one; a kill still costs a failed
+    # try and a retry of the round, as blocking. So the bound is twice what a blocking outer step takes (the inner
+    # loop and the round), or the step measured, whichever is longer.
     outer_step = statistics.median(per_peer)
-    print(f"outer step {outer_step:.2f}s; run gaps {[round(g, 1) for g in gaps]}; events {events}")
-    assert max(gaps) <= 2 * outer_step, f"stall of {max(gaps):.1f}s (outer step {outer_step:.1f}s)"
+    blocking = statistics.median(r["compute_seconds"] + r["comm_seconds"] for r in records)
+    bound = 2 * max(outer_step, blocking)
+    print(f"outer step {outer_step:.2f}s, blocking {blocking:.2f}s; run gaps {[round(g, 1) for g in gaps]}; {events}")
+    assert max(gaps) <= bound, f"stall of {max(gaps):.1f}s (outer step {outer_step:.1f}s, blocking {blocking:.1f}s)"
 
     # The run still learns.
     first = [r["loss"] for r in records if r["outer_step"] <= 2]

@@ -91,7 +91,10 @@ def check_export(out: str, theta: list[torch.Tensor], metrics: list[dict], other
 @pytest.fixture(scope="module")
 def one_worker_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("one-worker"))
-    metrics = train_two_peers(workdir)
+    # Blocking, so that each outer step leaves a checkpoint of its own for --step and the fallbacks below to pick:
+    # overlapped, a round that lands before the previous step's checkpoint is written makes that one a checkpoint of
+    # the later step.
+    metrics = train_two_peers(workdir, "--no-overlap")
     return workdir, metrics
 
 
@@ -180,7 +183,7 @@ def test_checkpoint_without_export_facts_needs_and_takes_model(one_worker_run, t
 def test_two_worker_checkpoints_are_joined_offline(tmp_path):
     """Two `swarm-peer --nproc-per-node 2` that average: the export of one joins its two shards into the full θ."""
     workdir = str(tmp_path)
-    metrics = train_two_peers(workdir, "--nproc-per-node", "2")
+    metrics = train_two_peers(workdir, "--nproc-per-node", "2", "--no-overlap")  # a checkpoint per step (see above)
     assert metrics[0][-1]["workers"] == 2 and metrics[0][-1]["theta_sha256"] == metrics[1][-1]["theta_sha256"]
     shards = [torch.load(f"{workdir}/ck0/step-00000002.shard{r}of2.pt", weights_only=True) for r in range(2)]
     assert [s["export"]["shard"] for s in shards] == [[0, 2], [1, 2]]
