@@ -171,7 +171,6 @@ class Swarm(SequenceMethods):
         """Awaited before θ or the momentum change: the peer's checkpoint, written from the live tensors in the
         background, finishes first (peers.checkpoint)."""
         self._last_group: tuple[int, tuple] | None = None  # (outer step after it, members) of the last average
-        self._holders: tuple[int, tuple] = (-1, ())  # (outer step, live peers at it) of the last state newer_state took
         self._average: torch.Tensor | None = None  # see average_buffer
         self.state_server = StateServer(
             node, self.namespace, self.schema, self._snapshot, keep_copy_max_bytes=config.keep_buffers_max_bytes
@@ -274,7 +273,7 @@ class Swarm(SequenceMethods):
         donors = [h.peer_id for h in sorted(ahead, key=lambda h: -h.outer_step)]
         state = await self._take_state(donors, lambda step, _: step > self.global_step, timeout_seconds)
         if state is not None:
-            self._holders = (state.outer_step, tuple(h.peer_id for h in ahead if h.outer_step == state.outer_step))
+            state.holders = tuple(h.peer_id for h in ahead if h.outer_step == state.outer_step)
         return True, state
 
     async def repair_drift(self, timeout_seconds: float = 60.0, same_step: bool = False, read=None) -> bool:
@@ -386,12 +385,11 @@ class Swarm(SequenceMethods):
         await self._changing_state(self.outer.load, unflatten(state.params, self.params), momentum)
         self.global_step = state.outer_step
         self.matchmaker.set_outer_step(self.global_step)
-        step, holders = self._holders
-        if step == state.outer_step and holders:
+        if state.holders:
             # The peers that held this θ stand in for the group we would have averaged with: our next search waits
             # for them even if the DHT does not show them (a newcomer's view of it may be partial for a while), and
             # our next drift check compares with them.
-            self._last_group = (step, holders)
+            self._last_group = (state.outer_step, state.holders)
         if self.residual is not None:
             self.residual.zero_()  # errors against a θ we no longer hold
 

@@ -45,6 +45,9 @@ class RunState:
     """θ, flat float32."""
     momentum: torch.Tensor | None
     """Outer Nesterov momentum, flat float32; None before the run's first outer step."""
+    holders: tuple = ()
+    """Peers of the run known to hold this state (set by whoever found the donors): the group a newcomer would have
+    averaged with."""
 
     def sha256(self) -> str:
         return hashlib.sha256(self.params.numpy().astype("<f4", copy=False)).hexdigest()  # the buffer, no copy
