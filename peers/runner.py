@@ -296,13 +296,10 @@ class Peer:
             self._model_step, self._unsaved = None, True
             what = "the interrupted inner loop's partial work" if kept is not None else "work no round applied"
             logger.info(f"stopping: {what} ({self._pending_tokens} tokens) is kept in the checkpoint")
-        elif report is not None:
+        elif report is not None:  # overlapped: the model takes the θ of the round it waited for
             await self._after_round(report, sum(r.tokens for r, _ in waiting))
         if report is not None:
             await self._close_step(*waiting.pop(0), report, 0.0)
-        if not keep and report is not None:  # overlapped: the model goes to the θ of the round it waited for
-            await self._load_theta()
-            self._pending_tokens = 0
 
     async def _close_step(
         self, result: InnerResult, step_started: float, report: OuterStepReport, wait: float, landed=None

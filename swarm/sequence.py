@@ -358,11 +358,11 @@ class OuterSequence:
         return True
 
     def settle(self, local: Sequence[torch.Tensor], tokens: int, done: float) -> int:
-        """On the way out of an interrupted inner loop, once no round is in flight: write into `local` θ minus all
-        the work that no round applied (the loop's, merged onto θ as a hand-over would, plus any carried work), so
-        that the caller keeps it where a blocking peer keeps its own, in its model: the next Δ against θ (after a
-        restart, too) carries it. `done`: the share of a full inner loop the interrupted one trained. Returns the
-        work's tokens. For the caller's thread."""
+        """On the way out, once no round is in flight: write into `local` θ minus all the work that no round
+        applied (an interrupted loop's, merged onto θ as a hand-over would, plus any carried work), so that the
+        caller keeps it in its model: the next Δ against θ (after a restart, too) carries it. `tokens`: those of the
+        work in `local`; `done`: the share of a full inner loop it trained (0 if none ran since the last hand-over).
+        Returns the tokens of all the work kept. For the caller's thread."""
         if self._round is not None:
             raise RuntimeError("finish the round in flight before settling")
         if self._work is None:
@@ -592,8 +592,8 @@ class SequenceMethods:
         return self.sequence.shift_inner_loop(local, done)
 
     def settle(self, local: Sequence[torch.Tensor], tokens: int, done: float) -> int:
-        """Overlapped, on the way out of an interrupted inner loop: keep its work (and any work no round applied) in
-        `local`, against θ, as a blocking peer does (OuterSequence.settle); its tokens."""
+        """On the way out: keep all the work no round applied in `local`, against θ (OuterSequence.settle); its
+        tokens."""
         return self.sequence.settle(local, tokens, done)
 
     @property
