@@ -146,16 +146,20 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     ends. θ itself takes every round's exact mean, as blocking."""
     from peers.inner import InnerLoop
     from swarm.flat import difference, flatten, unflatten
-    from swarm.outer import OuterOptimizer
+    from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp, OuterOptimizer
     from swarm.overlap import merge, merge_share, to_start_point
 
     workers = [_setup(opts, seed, i) for i in range(replicas)]
     evaluator = workers[0][3]
     inners = [InnerLoop(model, batches, config) for model, batches, config, _ in workers]
     models = [[p for p in model.parameters()] for model, *_ in workers]
-    outer = OuterOptimizer([p.detach().clone() for p in models[0]], **opts["outer"])
-    lr, mu = outer.settings()
+    settings = dict(opts["outer"])
+    final = settings.pop("momentum_final", DEFAULT_MOMENTUM_FINAL)
     h = opts["inner_steps"]
+    ramp = None  # as swarm-peer builds it (peers.cli)
+    if opts["decay_steps"] is not None and 0 < settings["momentum"] < final:
+        ramp = MomentumRamp.following(final, h, opts["warmup_steps"], opts["decay_steps"])
+    outer = OuterOptimizer([p.detach().clone() for p in models[0]], **settings, ramp=ramp)
     shifts, last_mean, last_deltas, theta = [None] * replicas, None, [None] * replicas, None
     curve, tokens = [], 0
     for t in range(opts["outer_steps"]):
@@ -177,13 +181,13 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
         guesses = None
         if overlap is not None and replicas > 1:
             guesses = [
-                _guess(outer, d, overlap[0], replicas, last_mean, last, lr, mu, to_start_point)
+                _guess(outer, d, overlap[0], replicas, last_mean, last, t, to_start_point)
                 for d, last in zip(deltas, last_deltas)
             ]
         if replicas == 1:  # what a peer that averages alone applies
             outer.step_alone(unflatten(mean, outer.params))
         else:
-            outer.step(unflatten(mean, outer.params))
+            outer.step(unflatten(mean, outer.params), at=t)
         last_mean, last_deltas = mean, deltas
         theta = flatten(outer.params)
         shifts = [None] * replicas if guesses is None else [theta - g for g in guesses]
@@ -202,10 +206,11 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     return curve
 
 
-def _guess(outer, delta, kind: str, replicas: int, last_mean, last_delta, lr: float, mu: float, to_start_point):
-    """A replica's guess of θ after the round in flight, from θ and the momentum before it (see GUESSES)."""
+def _guess(outer, delta, kind: str, replicas: int, last_mean, last_delta, step: int, to_start_point):
+    """A replica's guess of θ after round `step` in flight, from θ and the momentum before it (see GUESSES)."""
     from swarm.flat import flatten, unflatten
 
+    lr, mu = outer.settings(step)
     theta = flatten(outer.params)
     if kind == "theta":
         return theta
@@ -216,7 +221,7 @@ def _guess(outer, delta, kind: str, replicas: int, last_mean, last_delta, lr: fl
     else:
         guess = (delta if kind in ("own", "eager") or last_mean is None else last_mean).clone()
     for i, seg in enumerate(unflatten(guess, outer.params)):
-        to_start_point(outer, i, seg, alone=False)
+        to_start_point(outer, i, seg, False, step)
     return guess
 
 
@@ -235,6 +240,8 @@ def run_swarm(opts: dict, seed: int, workdir: str, name: str, extra: list[str]) 
         outer += ["--outer-lr", str(opts["outer"]["lr"])]
     if opts["outer"].get("momentum") is not None:
         outer += ["--outer-momentum", str(opts["outer"]["momentum"])]
+    if opts["outer"].get("momentum_final") is not None:
+        outer += ["--outer-momentum-final", str(opts["outer"]["momentum_final"])]
     peer_args = []
     for i in range(k):
         peer_args.append([
@@ -291,6 +298,12 @@ def _mean_curve(curves: list[list]) -> list:
 @click.option(
     "--outer-momentum", type=click.FloatRange(0, 1, max_open=True), default=None, help="Default: swarm-peer's."
 )
+@click.option(
+    "--outer-momentum-final",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Where the outer momentum ends as the inner rate decays. Default: swarm-peer's.",
+)
 @click.option("--peer-args", default="", help="More swarm-peer flags for the swarm arms.")
 @click.option("--arms", default=",".join(DEFAULT_ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")
 @click.option(
@@ -322,7 +335,11 @@ def main(**opts) -> None:
         opts["decay_steps"] = None
     elif opts["decay_steps"] is None:
         opts["decay_steps"] = total
-    opts["outer"] = {"lr": opts.pop("outer_lr"), "momentum": opts.pop("outer_momentum")}
+    opts["outer"] = {
+        "lr": opts.pop("outer_lr"),
+        "momentum": opts.pop("outer_momentum"),
+        "momentum_final": opts.pop("outer_momentum_final"),
+    }
     seeds = [int(s) for s in opts.pop("seeds").split(",")]
     arms = opts.pop("arms").split(",")
     unknown = set(arms) - set(ARMS)
@@ -346,9 +363,14 @@ def main(**opts) -> None:
                 curve = run_data_parallel(opts, seed, k, workdir)
             elif arm in ("diloco-m1", "diloco-ideal", "diloco-overlap"):
                 from swarm import SwarmConfig
+                from swarm.outer import DEFAULT_MOMENTUM_FINAL
 
-                # Unset, the M=1 arm takes the settings swarm-peer runs with by default.
-                defaults = {"lr": SwarmConfig.outer_lr, "momentum": SwarmConfig.outer_momentum}
+                # Unset, the in-process arms take the settings swarm-peer runs with by default.
+                defaults = {
+                    "lr": SwarmConfig.outer_lr,
+                    "momentum": SwarmConfig.outer_momentum,
+                    "momentum_final": DEFAULT_MOMENTUM_FINAL,
+                }
                 outer = {key: defaults[key] if value is None else value for key, value in opts["outer"].items()}
                 replicas = 1 if arm == "diloco-m1" else k
                 curve = run_diloco(

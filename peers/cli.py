@@ -16,6 +16,7 @@ from peers.inner import InnerConfig
 from peers.model import ModelLoadError
 from swarm import MatchmakingConfig, NodeConfig, SwarmConfig, SwarmConnectionError
 from swarm.codec import CODECS
+from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp
 
 logger = logging.getLogger("swarm-peer")
 
@@ -155,6 +156,13 @@ network, training, data, observability, checkpoints = (
     type=click.FloatRange(0, 1, max_open=True),
     default=SwarmConfig.outer_momentum,
     help="Outer Nesterov momentum, in [0, 1); 0 is plain SGD (with --outer-lr 1, plain averaging).",
+)
+@training(
+    "--outer-momentum-final",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_MOMENTUM_FINAL,
+    help="Outer momentum at the end of the inner learning rate's decay: it rises from --outer-momentum as the rate"
+    " decays. Only with --decay-steps and 0 < --outer-momentum < this; otherwise it stays at --outer-momentum.",
 )
 @training(
     "--error-feedback/--no-error-feedback",
@@ -298,6 +306,16 @@ def _run_worker(config, rank: int, count: int) -> int:
         dist.destroy_process_group()
 
 
+def _momentum_ramp(flags: dict) -> MomentumRamp | None:
+    """The outer momentum's ramp of a run that knows its length (see swarm.outer.MomentumRamp); an open-ended run's
+    inner rate never decays, and its momentum stays where it is, as it does where the flags ask for no rise."""
+    if flags["decay_steps"] is None or not 0 < flags["outer_momentum"] < flags["outer_momentum_final"]:
+        return None
+    return MomentumRamp.following(
+        flags["outer_momentum_final"], flags["inner_steps"], flags["warmup_steps"], flags["decay_steps"]
+    )
+
+
 def _swarm_key(path: str | None) -> bytes | None:
     from swarm.access import load_key
 
@@ -380,6 +398,7 @@ def build_config(flags: dict):
         run_id=flags["run_id"],
         outer_lr=flags["outer_lr"],
         outer_momentum=flags["outer_momentum"],
+        outer_momentum_ramp=_momentum_ramp(flags),
         compression=flags["compression"],
         matchmaking=MatchmakingConfig(
             min_group_size=flags["min_group_size"],

@@ -41,7 +41,7 @@ from swarm.flat import unflatten
 from swarm.local import SoloGroup
 from swarm.matchmaking import Group, Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
-from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, OuterOptimizer
+from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, MomentumRamp, OuterOptimizer
 from swarm.report import OuterStepReport
 from swarm.sequence import OuterSequence, SequenceMethods
 from swarm.state import RunState, StateServer, StateView, download_state, majority_hash
@@ -57,6 +57,9 @@ class SwarmConfig:
     outer_momentum: float = DEFAULT_MOMENTUM
     """Nesterov momentum of the outer SGD; 0 is plain SGD (with outer_lr 1: plain averaging). Part of what the peers
     of a group must share, with outer_lr."""
+    outer_momentum_ramp: MomentumRamp | None = None
+    """The momentum rising from outer_momentum as the run's inner learning rate decays (see MomentumRamp); shared
+    by the group like the other outer settings."""
     compression: str = "int8"
     """Wire codec of pseudo-gradients: int8 or int4 (blockwise), fp16 or none."""
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
@@ -92,7 +95,8 @@ class SwarmConfig:
 
     @property
     def outer_description(self) -> str:
-        return f"outer lr {self.outer_lr:g} momentum {self.outer_momentum:g}"
+        about = f"outer lr {self.outer_lr:g} momentum {self.outer_momentum:g}"
+        return about if self.outer_momentum_ramp is None else f"{about} {self.outer_momentum_ramp.describe()}"
 
     @property
     def namespace(self) -> str:
@@ -143,7 +147,9 @@ class Swarm(SequenceMethods):
         config.validate()
         self.node, self.config = node, config
         self.params = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in params]
-        self.outer = OuterOptimizer(self.params, lr=config.outer_lr, momentum=config.outer_momentum)
+        self.outer = OuterOptimizer(
+            self.params, lr=config.outer_lr, momentum=config.outer_momentum, ramp=config.outer_momentum_ramp
+        )
         self.params = self.outer.params
         self.codec = make_codec(config.compression)
         self.namespace = config.namespace
@@ -435,7 +441,7 @@ class Swarm(SequenceMethods):
         if alone:
             self.outer.step_alone(unflatten(flat_delta, self.params))
         else:
-            self.outer.step(unflatten(flat_delta, self.params))
+            self.outer.step(unflatten(flat_delta, self.params), at=self.global_step)
         self._state_version += 1
 
     async def _advance(

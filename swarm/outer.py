@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -10,6 +12,49 @@ DEFAULT_LR = 0.7
 DEFAULT_MOMENTUM = 0.5
 """0.7 and 0.5, an effective step lr / (1 - momentum) of 1.4, won benchmarks/quality.py for one peer and for groups of
 three (DiLoCo's usual 0.9 gives 7, which overshoots in short runs); see README, Training quality."""
+DEFAULT_MOMENTUM_FINAL = 0.8
+"""Where the momentum ends when the run's inner learning rate decays (MomentumRamp); see README, Training quality."""
+
+
+@dataclass(frozen=True)
+class MomentumRamp:
+    """The outer momentum rising from the optimizer's own to `final` as the run's inner learning rate decays.
+
+    A decaying inner rate shrinks every pseudo-gradient, and with it the outer steps. Extrapolating each one further
+    (an outer lr that grows as the inner one decays) diverged: the step on a fresh mean, lr x (1 + momentum), must
+    stay near 1 (0.7 x 1.8 = 1.26 at the ramp's end). A larger momentum instead keeps the outer steps' size by
+    averaging over more rounds, whose noise partly cancels (README, Training quality).
+
+    `start` and `end` are where the inner decay starts and ends, in outer steps (fractions allowed); round t is placed
+    at the middle of its inner loop, t + 0.5. Every peer computes the same float from the same numbers, so the ramp
+    is part of the schema, like the outer settings."""
+
+    final: float
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.final < 1:
+            raise ValueError(f"final outer momentum must be in (0, 1), got {self.final}")
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"momentum ramp must have 0 <= start < end, got {self.start} and {self.end}")
+
+    @classmethod
+    def following(cls, final: float, inner_steps: int, warmup_steps: int, decay_steps: int) -> MomentumRamp:
+        """The ramp of a run whose inner rate warms up for `warmup_steps` and decays (cosine) until `decay_steps`,
+        with `inner_steps` per outer step (see peers.inner.InnerConfig.lr_at)."""
+        end = max(decay_steps, warmup_steps + 1)
+        return cls(final, warmup_steps / inner_steps, end / inner_steps)
+
+    def at(self, step: int, initial: float) -> float:
+        """The momentum of round `step`: `initial` until the decay starts, `final` once it is over, and in between
+        the share of the way the cosine decay has come."""
+        progress = min(1.0, max(0.0, (step + 0.5 - self.start) / (self.end - self.start)))
+        return initial + (self.final - initial) * (1 - math.cos(math.pi * progress)) / 2
+
+    def describe(self) -> str:
+        # repr: every digit, since the schema compares these words and two ramps must never describe alike
+        return f"rising to {self.final!r} over outer steps {self.start!r}-{self.end!r}"
 
 
 class OuterOptimizer:
@@ -20,11 +65,20 @@ class OuterOptimizer:
     the gradient.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], lr: float = DEFAULT_LR, momentum: float = DEFAULT_MOMENTUM):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        lr: float = DEFAULT_LR,
+        momentum: float = DEFAULT_MOMENTUM,
+        ramp: MomentumRamp | None = None,
+    ):
         if lr <= 0:
             raise ValueError(f"outer learning rate must be positive, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
+        if ramp is not None and momentum == 0:
+            raise ValueError("a momentum ramp needs a positive outer momentum to start from")
+        self.ramp, self.initial_momentum = ramp, momentum
         self.params = [
             p if isinstance(p, torch.nn.Parameter) else torch.nn.Parameter(p, requires_grad=False) for p in params
         ]
@@ -33,9 +87,11 @@ class OuterOptimizer:
         self._sgd = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=False)
 
     @torch.no_grad()
-    def step(self, pseudo_gradient: Sequence[torch.Tensor]) -> None:
+    def step(self, pseudo_gradient: Sequence[torch.Tensor], at: int | None = None) -> None:
+        """The outer step of round `at` (the run's outer step it starts from; needed with a ramp)."""
         if len(pseudo_gradient) != len(self.params):
             raise ValueError(f"got {len(pseudo_gradient)} pseudo-gradient tensors for {len(self.params)} parameters")
+        self._sgd.param_groups[0]["momentum"] = self.settings(at)[1]
         for p, g in zip(self.params, pseudo_gradient):
             p.grad = g.to(dtype=p.dtype).reshape(p.shape)
         self._sgd.step()
@@ -56,10 +112,14 @@ class OuterOptimizer:
         for p, g in zip(self.params, pseudo_gradient):
             p.sub_(g.to(dtype=p.dtype).reshape(p.shape))
 
-    def settings(self) -> tuple[float, float]:
-        """(lr, momentum) the outer steps use."""
-        group = self._sgd.param_groups[0]
-        return group["lr"], group["momentum"]
+    def settings(self, at: int | None = None) -> tuple[float, float]:
+        """(lr, momentum) of the outer step of round `at` (needed with a ramp)."""
+        lr = self._sgd.param_groups[0]["lr"]
+        if self.ramp is None:
+            return lr, self.initial_momentum
+        if at is None:
+            raise ValueError("with a momentum ramp, the outer settings depend on the round: pass its step")
+        return lr, self.ramp.at(at, self.initial_momentum)
 
     def momentum_buffer(self, index: int) -> torch.Tensor | None:
         """The momentum buffer of parameter `index`, or None before the first group step (or with momentum 0)."""

@@ -46,16 +46,16 @@ from swarm.outer import OuterOptimizer
 
 
 @torch.no_grad()
-def to_start_point(outer: OuterOptimizer, index: int, values: torch.Tensor, alone: bool) -> None:
+def to_start_point(outer: OuterOptimizer, index: int, values: torch.Tensor, alone: bool, at: int) -> None:
     """Overwrite `values`, this peer's pseudo-gradient for parameter `index` of θ, with its guess of θ after the round
-    in flight: the outer step with that pseudo-gradient as the group's average (momentum drift included, the same on
-    every member), or, when the peer expects to average `alone`, its own inner result (θ − Δ, as
-    OuterOptimizer.step_alone)."""
+    in flight, which starts from the run's outer step `at`: the outer step with that pseudo-gradient as the group's
+    average (momentum drift included, the same on every member), or, when the peer expects to average `alone`, its
+    own inner result (θ − Δ, as OuterOptimizer.step_alone)."""
     theta = outer.params[index].reshape(values.shape)
     if alone:
         values.neg_().add_(theta)
         return
-    lr, mu = outer.settings()
+    lr, mu = outer.settings(at)
     # Nesterov (torch's SGD): buf' = mu * buf + g, θ' = θ - lr * (g + mu * buf') = θ - lr * ((1 + mu) g + mu² buf).
     values.mul_(-lr * (1 + mu))
     buf = outer.momentum_buffer(index)

@@ -75,6 +75,9 @@ class _Work:
     tokens: int
     alone: bool | None
     """How the inner loop's start point was guessed (swarm.overlap.to_start_point); None: it started from θ."""
+    guessed_at: int = 0
+    """The run's outer step of the round the guess foresaw: its outer settings (a momentum ramp) rebuild the start
+    point later, after a failed round has moved the step on."""
     shifted: bool = False
     landed_alone: bool = False
     """The round applied our own Δ (nobody to average with): θ is our own inner result, which the guess foresaw."""
@@ -246,7 +249,7 @@ class OuterSequence:
         alone = await self._expect_alone() if self.overlap else None
         if self.overlap and not owned:  # overlapped, the guess is written over it while the caller's memory moves on
             delta = await asyncio.to_thread(delta.clone)
-        self._work = _Work(delta, "flight", tokens, alone)
+        self._work = _Work(delta, "flight", tokens, alone, guessed_at=step)
         self.shift_ready.clear()
         self._next_round(step + 1)
         budget = self._matchmaking_budget(inner_seconds)
@@ -314,7 +317,7 @@ class OuterSequence:
         if work.alone is None:
             return theta.reshape(segment.shape)
         start = segment.clone()
-        to_start_point(self.swarm.outer, index, start, work.alone)
+        to_start_point(self.swarm.outer, index, start, work.alone, work.guessed_at)
         return start
 
     async def start_inner_loop(self, local: Sequence[torch.Tensor]) -> None:
@@ -513,7 +516,7 @@ class OuterSequence:
             average = average.clone()  # alone, our Δ is what θ takes: keep it from the guess written over it
         if work is not None:
             for i, seg in enumerate(unflatten(work.vector, swarm.params)):
-                to_start_point(swarm.outer, i, seg, work.alone)
+                to_start_point(swarm.outer, i, seg, work.alone, work.guessed_at)
                 seg.neg_()
         swarm._apply(average, alone=alone)
         if work is not None:

@@ -16,7 +16,9 @@ from click.testing import CliRunner
 
 from peers.cli import build_config
 from peers.cli import main as peer_main
-from swarm.outer import OuterOptimizer
+from peers.inner import InnerConfig
+from swarm.outer import MomentumRamp, OuterOptimizer
+from swarm.overlap import to_start_point
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +76,55 @@ def test_outer_momentum_flag_takes_zero_and_refuses_one():
     assert "--outer-momentum" in result.output and "0<=x<1" in result.output
 
 
+@pytest.mark.timeout(30)
+def test_the_outer_momentum_rises_as_the_inner_rate_decays():
+    """A run that knows its length ramps the momentum along its inner decay; an open-ended one keeps it."""
+    flags = ("--inner-steps", "30", "--warmup-steps", "45", "--decay-steps", "900")
+    swarm = peer_config(*flags).swarm
+    assert swarm.outer_momentum_ramp == MomentumRamp(final=0.8, start=1.5, end=30.0)
+    assert "momentum 0.5 rising to 0.8 over outer steps 1.5-30.0" in swarm.outer_description  # part of the schema
+    ramp, inner = swarm.outer_momentum_ramp, InnerConfig(lr=1e-3, warmup_steps=45, decay_steps=900)
+    momenta = [ramp.at(t, 0.5) for t in range(40)]
+    assert momenta[0] == 0.5 and momenta[-1] == 0.8
+    assert all(a <= b for a, b in zip(momenta, momenta[1:]))
+    for t in range(2, 30):  # the share of the way the inner rate has decayed at the middle of round t's loop
+        decayed = (1 - inner.lr_at(30 * t + 15) / 1e-3) / (1 - inner.min_lr_ratio)
+        assert momenta[t] == pytest.approx(0.5 + 0.3 * decayed, abs=1e-9)
+    assert peer_config("--outer-momentum-final", "0.9", *flags).swarm.outer_momentum_ramp.final == 0.9
+    assert peer_config("--inner-steps", "30").swarm.outer_momentum_ramp is None
+    assert peer_config("--outer-momentum", "0", *flags).swarm.outer_momentum_ramp is None
+    assert peer_config("--outer-momentum", "0.9", *flags).swarm.outer_momentum_ramp is None  # it only rises
+    result = CliRunner().invoke(peer_main, ["--outer-momentum-final", "1", "--print-config"], prog_name="swarm-peer")
+    assert result.exit_code == 2 and "--outer-momentum-final" in result.output
+
+
+@pytest.mark.timeout(30)
+def test_a_ramped_outer_step_takes_the_momentum_of_its_round_and_the_overlap_guess_foresees_it():
+    theta = [torch.randn(4, 3), torch.randn(5)]
+    ramp = MomentumRamp(final=0.9, start=0.0, end=4.0)
+    outer = OuterOptimizer([t.clone() for t in theta], lr=0.7, momentum=0.5, ramp=ramp)
+    params = [torch.nn.Parameter(t.clone()) for t in theta]
+    reference = torch.optim.SGD(params, lr=0.7, momentum=0.5, nesterov=True)
+    with pytest.raises(ValueError, match="depend on the round"):
+        outer.settings()
+    for step in range(5):
+        delta = [0.1 * torch.randn_like(t) for t in theta]
+        guess = [d.clone() for d in delta]
+        for i, g in enumerate(guess):  # what an overlapped peer starts from when the mean is its own Δ
+            to_start_point(outer, i, g, False, step)
+        outer.step(delta, at=step)
+        reference.param_groups[0]["momentum"] = ramp.at(step, 0.5)
+        for p, d in zip(params, delta, strict=True):
+            p.grad = d.clone()
+        reference.step()
+        for p, q, g in zip(outer.params, params, guess, strict=True):
+            assert torch.allclose(p, q, atol=1e-6, rtol=0)
+            assert torch.allclose(p, g, atol=1e-6, rtol=0)
+    assert outer.settings(4)[1] == 0.9
+    with pytest.raises(ValueError, match="positive outer momentum"):
+        OuterOptimizer([t.clone() for t in theta], lr=0.7, momentum=0.0, ramp=ramp)
+
+
 @pytest.mark.timeout(180)
 def test_diloco_with_one_replica_reproduces_adamw(tmp_path):
     """The benchmark's one-peer arm (its data-parallel code with one worker) and its DiLoCo M=1 arm (the inner loop
@@ -90,7 +141,7 @@ def test_diloco_with_one_replica_reproduces_adamw(tmp_path):
         assert abs(a - b) < 1e-4, (adamw, m1)
     # A peer alone takes its own inner result whatever its outer settings (OuterOptimizer.step_alone): the M=1 arm
     # with the defaults, or with extrapolating settings, is plain AdamW too.
-    for outer in ({"lr": 0.7, "momentum": 0.5}, {"lr": 1.5, "momentum": 0.9}):
+    for outer in ({"lr": 0.7, "momentum": 0.5, "momentum_final": 0.8}, {"lr": 1.5, "momentum": 0.9}):
         alone = quality.run_diloco({**opts, "outer": outer}, seed=3)
         assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(adamw, alone, strict=True)), (adamw, alone)
     # Two replicas do go through the outer optimizer: its settings change the result.

@@ -3,12 +3,14 @@
 import asyncio
 import contextlib
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from swarm import MatchmakingConfig, StepStatus, Swarm, SwarmConfig
 from swarm.allreduce import part_bounds
+from swarm.outer import MomentumRamp
 from tests.conftest import swarm_of
 
 SHAPES = [(64, 33), (33,), (5, 7, 3), ()]
@@ -73,6 +75,7 @@ def reference_outer_step(
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if momentum_buffers is not None:
         opt.load_state_dict(momentum_buffers)
+        opt.param_groups[0]["momentum"] = momentum  # the saved dict brings back its own
     total = sum(tokens)
     for i, p in enumerate(params):
         p.grad = sum(w / total * (theta[i] - loc[i]) for w, loc in zip(tokens, locals_, strict=True))
@@ -97,17 +100,22 @@ async def test_four_peers_find_each_other_through_bootstrap_and_average():
 
 
 @pytest.mark.timeout(120)
-async def test_outer_step_equals_reference_diloco_without_compression():
+@pytest.mark.parametrize("ramp", [None, MomentumRamp(final=0.9, start=0.0, end=2.0)], ids=["constant", "ramp"])
+async def test_outer_step_equals_reference_diloco_without_compression(ramp):
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
-        async with running_swarms(nodes, theta, lambda i: config()) as swarms:
+        cfg = dataclasses.replace(config(), outer_momentum_ramp=ramp)
+        async with running_swarms(nodes, theta, lambda i: cfg) as swarms:
             expected, state = theta, None
             for step in range(3):
                 tokens = [128 * (i + 1) + step for i in range(3)]
                 locals_ = [perturbed([p.clone() for p in swarms[0].params], 10 * step + i) for i in range(3)]
                 reports = await asyncio.gather(*[s.outer_step(loc, t) for s, loc, t in zip(swarms, locals_, tokens)])
                 assert [r.group_size for r in reports] == [3, 3, 3]
-                expected, state = reference_outer_step(expected, locals_, tokens, momentum_buffers=state)
+                mu = SwarmConfig.outer_momentum
+                if ramp is not None:  # round t sits at t + 0.5 of a cosine from 0.5 at step 0 to 0.9 at step 2
+                    mu += (0.9 - mu) * (1 - math.cos(math.pi * min(1.0, (step + 0.5) / 2))) / 2
+                expected, state = reference_outer_step(expected, locals_, tokens, momentum=mu, momentum_buffers=state)
                 for s in swarms:
                     assert_params_close(s.params, expected, f"step {step}: differs from reference")
 
