@@ -156,9 +156,7 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     settings = dict(opts["outer"])
     final = settings.pop("momentum_final", DEFAULT_MOMENTUM_FINAL)
     h = opts["inner_steps"]
-    ramp = None  # as swarm-peer builds it (peers.cli)
-    if opts["decay_steps"] is not None and 0 < settings["momentum"] < final:
-        ramp = MomentumRamp.following(final, h, opts["warmup_steps"], opts["decay_steps"])
+    ramp = MomentumRamp.for_run(settings["momentum"], final, h, opts["warmup_steps"], opts["decay_steps"])
     outer = OuterOptimizer([p.detach().clone() for p in models[0]], **settings, ramp=ramp)
     shifts, last_mean, last_deltas, theta = [None] * replicas, None, [None] * replicas, None
     curve, tokens = [], 0

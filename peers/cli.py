@@ -306,16 +306,6 @@ def _run_worker(config, rank: int, count: int) -> int:
         dist.destroy_process_group()
 
 
-def _momentum_ramp(flags: dict) -> MomentumRamp | None:
-    """The outer momentum's ramp of a run that knows its length (see swarm.outer.MomentumRamp); an open-ended run's
-    inner rate never decays, and its momentum stays where it is, as it does where the flags ask for no rise."""
-    if flags["decay_steps"] is None or not 0 < flags["outer_momentum"] < flags["outer_momentum_final"]:
-        return None
-    return MomentumRamp.following(
-        flags["outer_momentum_final"], flags["inner_steps"], flags["warmup_steps"], flags["decay_steps"]
-    )
-
-
 def _swarm_key(path: str | None) -> bytes | None:
     from swarm.access import load_key
 
@@ -398,7 +388,13 @@ def build_config(flags: dict):
         run_id=flags["run_id"],
         outer_lr=flags["outer_lr"],
         outer_momentum=flags["outer_momentum"],
-        outer_momentum_ramp=_momentum_ramp(flags),
+        outer_momentum_ramp=MomentumRamp.for_run(
+            flags["outer_momentum"],
+            flags["outer_momentum_final"],
+            flags["inner_steps"],
+            flags["warmup_steps"],
+            flags["decay_steps"],
+        ),
         compression=flags["compression"],
         matchmaking=MatchmakingConfig(
             min_group_size=flags["min_group_size"],

@@ -40,9 +40,15 @@ class MomentumRamp:
             raise ValueError(f"momentum ramp must have 0 <= start < end, got {self.start} and {self.end}")
 
     @classmethod
-    def following(cls, final: float, inner_steps: int, warmup_steps: int, decay_steps: int) -> MomentumRamp:
+    def for_run(
+        cls, initial: float, final: float, inner_steps: int, warmup_steps: int, decay_steps: int | None
+    ) -> MomentumRamp | None:
         """The ramp of a run whose inner rate warms up for `warmup_steps` and decays (cosine) until `decay_steps`,
-        with `inner_steps` per outer step (see peers.inner.InnerConfig.lr_at)."""
+        with `inner_steps` per outer step (see peers.inner.InnerConfig.lr_at), from momentum `initial` to `final`.
+        None where there is nothing to ramp: an open-ended run (no decay) keeps its momentum, as does one whose
+        settings ask for no rise (or plain SGD, momentum 0)."""
+        if decay_steps is None or not 0 < initial < final:
+            return None
         end = max(decay_steps, warmup_steps + 1)
         return cls(final, warmup_steps / inner_steps, end / inner_steps)
 
