@@ -274,6 +274,10 @@ class Matchmaker:
 
     async def start(self) -> None:
         await self.node.add_stream_handler(self._protocol, self._handle_join)
+        # The first heartbeat is stored before start returns: a peer that has started is one the run's leaders wait
+        # for. Were it stored in the background, peers that start together and look for a group at once could close
+        # one without it (a leader takes every live peer it sees, and sees it only once its heartbeat is stored).
+        await self._beat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
 
     async def close(self) -> None:
@@ -303,22 +307,25 @@ class Matchmaker:
 
     # ---- liveness -------------------------------------------------------------------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
+    async def _beat(self) -> None:
+        """Store this peer's heartbeat: its outer step, setup and liveness for three heartbeat intervals."""
         interval = self.config.heartbeat_interval_seconds
+        self._heartbeat_now.clear()
+        value = records.Heartbeat(self.peer_id, self.outer_step, self.schema, 0.0, self.about).to_value()
+        store = self.node.dht.store(
+            records.peers_key(self.run_id), value, get_dht_time() + 3 * interval, subkey=self.peer_id.to_base58()
+        )
+        try:  # bounded: a record stored later than its own lifetime is of no use
+            await asyncio.wait_for(store, 3 * interval)
+        except Exception as e:  # a DHT hiccup must not kill the peer; the next beat retries
+            logger.debug(f"heartbeat failed: {e!r}")
+
+    async def _heartbeat_loop(self) -> None:
         while not self._closing:
-            value = records.Heartbeat(self.peer_id, self.outer_step, self.schema, 0.0, self.about).to_value()
-            try:
-                await self.node.dht.store(
-                    records.peers_key(self.run_id),
-                    value,
-                    get_dht_time() + 3 * interval,
-                    subkey=self.peer_id.to_base58(),
-                )
-            except Exception as e:  # a DHT hiccup must not kill the peer; the next beat retries
-                logger.debug(f"heartbeat failed: {e!r}")
-            self._heartbeat_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._heartbeat_now.wait(), interval)
+                await asyncio.wait_for(self._heartbeat_now.wait(), self.config.heartbeat_interval_seconds)
+            if not self._closing:
+                await self._beat()
 
     async def live_peers(self) -> list[records.Heartbeat]:
         found = await self.node.dht.get(records.peers_key(self.run_id), latest=True)
