@@ -7,10 +7,10 @@ checkpoint saves.
 
 from __future__ import annotations
 
-import collections
 import glob
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -99,16 +99,29 @@ def _text_column(dataset) -> str:
     raise DataLoadError(f"the dataset has no text column (columns: {list(features)})")
 
 
-class TokenBatcher:
-    """Yields [batch_size, seq_len] token tensors forever, packing texts end to end with an end-of-text token.
+def data_seed(run_seed: int, peer_id: bytes) -> int:
+    """The seed of one peer's (or one worker's) data order: the run's seed mixed with its peer id, so every peer of a
+    run reads its own order and nobody hands out shards. A restarted peer with its identity reads the same order."""
+    return run_seed * 1_000_003 + zlib.crc32(peer_id)
 
-    `position` counts the batches produced; `cursor` says where the next batch starts in the stream: the epoch, the
-    index of an example in that epoch's shuffled order, and a token offset into that example's tokens. A batcher
-    made with a saved cursor starts exactly there, reading only the example the cursor points into: resuming far into
-    the data costs what resuming at its start costs, where replaying the stream re-tokenized everything seen so far.
-    On a streamed dataset (no random access) the cursor also holds the stream's own state (`datasets`'
-    `IterableDataset.state_dict`), which restores the stream's place but not its shuffle buffer: the examples after
-    such a resume are not the ones an uninterrupted stream would have given.
+
+class TokenBatcher:
+    """Yields [batch_size, seq_len] token tensors forever. Row r of every batch continues lane r: a stream of its own
+    that packs examples end to end with an end-of-text token. A lane that runs out takes the next example of the
+    shared, shuffled order (rows fill in order, so the lanes take examples in a fixed order).
+
+    Why lanes: packing every row from one stream put one long document into every row of batch after batch (most of
+    the embedded corpus's tokens are in documents of more than 8192 tokens, a batch holds 1024), so a peer trained
+    for whole inner loops on one document, and its local model drifted towards it. With lanes a batch holds up to
+    batch_size documents, as a data-parallel step over several workers does.
+
+    `position` counts the batches produced; `cursor` says where the next batch starts: for each lane the example it
+    reads (epoch, index in that epoch's shuffled order) and the token offset into it, and where the shared order goes
+    on. A batcher made with a saved cursor starts exactly there, reading only the examples the lanes point into:
+    resuming far into the data costs what resuming at its start costs. On a streamed dataset (no random access) the
+    cursor also holds the stream's own state (`datasets`' `IterableDataset.state_dict`), which restores the stream's
+    place but not its shuffle buffer: the examples after such a resume are not the ones an uninterrupted stream would
+    have given. A cursor saved with another batch size keeps the lanes both have; new lanes take fresh examples.
     """
 
     def __init__(
@@ -122,39 +135,56 @@ class TokenBatcher:
         cursor: dict | None = None,
     ):
         """Start at `cursor` (a previous batcher's `cursor`) or, without one, replay `skip_batches` batches (what a
-        checkpoint without a cursor needs)."""
+        checkpoint without a cursor needs; ignored with a cursor)."""
         self.dataset, self.tokenizer = dataset, tokenizer
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.column = _text_column(dataset)
         self.seekable = hasattr(dataset, "__len__")
-        start = (0, 0, None) if cursor is None else (int(cursor["epoch"]), int(cursor["index"]), cursor.get("stream"))
-        self._examples = self._read_examples(*start)
-        # Examples read but not fully batched yet, as (epoch, index, offset, tokens, stream state): their tokens from
-        # the offset on are still to come. There is always one: the first one's place is the cursor.
-        epoch, index, _, tokens, stream = next(self._examples)
-        offset = 0 if cursor is None else int(cursor["offset"])
-        self._segments = collections.deque([(epoch, index, offset, tokens, stream)])
+        self._orders: dict[int, object] = {}
+        if cursor is not None and "lanes" not in cursor:
+            # Written before lanes existed: that single stream's place means nothing in today's order. Replaying
+            # the batches keeps the count, which is what a checkpoint without a cursor gets too.
+            logger.info(f"the saved data cursor predates per-row lanes: replaying {cursor['batches']} batches")
+            skip_batches, cursor = int(cursor["batches"]), None
+        shared = cursor["next"] if cursor is not None else {"epoch": 0, "index": 0}
+        self._examples = self._read_examples(int(shared["epoch"]), int(shared["index"]), shared.get("stream"))
+        self._next = (int(shared["epoch"]), int(shared["index"]), shared.get("stream"))
+        # Per lane: (epoch, index, offset, tokens, stream state before the example); its tokens from offset on are
+        # still to come. A lane always holds an example: its place is the lane's part of the cursor.
+        saved = [] if cursor is None else cursor["lanes"][:batch_size]
+        self._lanes = [self._reread(lane) for lane in saved]
+        while len(self._lanes) < batch_size:
+            self._lanes.append(self._take())
         self.position = 0 if cursor is None else int(cursor["batches"])
         for _ in range(0 if cursor is not None else skip_batches):
             next(self)
 
     @property
     def cursor(self) -> dict:
-        """Where the next batch starts (see the class docstring): ints and dicts only, for a checkpoint."""
-        epoch, index, offset, _, stream = self._segments[0]
-        place = {"batches": self.position, "epoch": epoch, "index": index, "offset": offset}
-        if stream is not None:
-            place["stream"] = stream
-        return place
+        """Where the next batch starts (see the class docstring): ints, lists and dicts only, for a checkpoint."""
+        lanes = []
+        for epoch, index, offset, _, stream in self._lanes:
+            lanes.append(
+                {"epoch": epoch, "index": index, "offset": offset, **({} if stream is None else {"stream": stream})}
+            )
+        epoch, index, stream = self._next
+        shared = {"epoch": epoch, "index": index, **({} if stream is None else {"stream": stream})}
+        return {"batches": self.position, "lanes": lanes, "next": shared}
 
     def _order(self, epoch: int):
         if self.seekable:
-            return self.dataset.shuffle(seed=self.seed + epoch)
+            # Kept: a resume reads each lane's example from it, and shuffling a large dataset's index takes a while.
+            if epoch not in self._orders:
+                if len(self._orders) >= 2:
+                    del self._orders[min(self._orders)]
+                self._orders[epoch] = self.dataset.shuffle(seed=self.seed + epoch)
+            return self._orders[epoch]
+        # A stream's order is a fresh object each time: loading a saved state changes it in place.
         return self.dataset.shuffle(seed=self.seed + epoch, buffer_size=1000)
 
     def _read_examples(self, epoch: int, index: int, stream: dict | None) -> Iterator[tuple]:
-        """(epoch, index, 0, tokens, stream state before it) of every non-empty example from `index` of `epoch`
-        on, then of every later epoch, forever."""
+        """(epoch, index, tokens, stream state before it, stream state after it) of every non-empty example from
+        `index` of `epoch` on, then of every later epoch, forever."""
         while True:
             order = self._order(epoch)
             if self.seekable:
@@ -172,11 +202,23 @@ class TokenBatcher:
                 text = example.get(self.column)
                 if isinstance(text, str) and text:
                     produced = True
-                    yield epoch, index, 0, self._encode(text), before
+                    yield epoch, index, self._encode(text), before, None if self.seekable else order.state_dict()
                 index += 1
             if not produced:
                 raise DataLoadError("the dataset yielded no text")
             epoch, index, stream = epoch + 1, 0, None
+
+    def _take(self) -> tuple:
+        """The shared order's next example, for a lane that ran out."""
+        epoch, index, tokens, before, after = next(self._examples)
+        self._next = (epoch, index + 1, after)
+        return epoch, index, 0, tokens, before
+
+    def _reread(self, lane: dict) -> tuple:
+        """The example a saved lane points into, read anew."""
+        epoch, index, stream = int(lane["epoch"]), int(lane["index"]), lane.get("stream")
+        epoch, index, tokens, before, _ = next(self._read_examples(epoch, index, stream))
+        return epoch, index, int(lane["offset"]), tokens, before
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -187,19 +229,15 @@ class TokenBatcher:
         return self
 
     def __next__(self) -> torch.Tensor:
-        need = self.batch_size * self.seq_len
-        held = sum(len(tokens) - offset for _, _, offset, tokens, _ in self._segments)
-        while held < need:
-            self._segments.append(next(self._examples))
-            held += len(self._segments[-1][3])
-        block: list[int] = []
-        while len(block) < need:
-            epoch, index, offset, tokens, stream = self._segments.popleft()
-            end = min(len(tokens), offset + need - len(block))
-            block.extend(tokens[offset:end])
-            if end < len(tokens):
-                self._segments.appendleft((epoch, index, end, tokens, stream))
-        if not self._segments:
-            self._segments.append(next(self._examples))  # the cursor is the first segment's place
+        rows = []
+        for lane in range(self.batch_size):
+            row: list[int] = []
+            while len(row) < self.seq_len:
+                epoch, index, offset, tokens, stream = self._lanes[lane]
+                end = min(len(tokens), offset + self.seq_len - len(row))
+                row.extend(tokens[offset:end])
+                # A lane that used up its example takes the next one at once: its place is then that one's start.
+                self._lanes[lane] = (epoch, index, end, tokens, stream) if end < len(tokens) else self._take()
+            rows.append(row)
         self.position += 1
-        return torch.tensor(block, dtype=torch.long).view(self.batch_size, self.seq_len)
+        return torch.tensor(rows, dtype=torch.long)

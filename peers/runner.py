@@ -11,7 +11,6 @@ import logging
 import math
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -22,7 +21,7 @@ from peers import device as devices
 from peers import memory
 from peers.checkpoint import Checkpointer
 from peers.data import EMBEDDED as EMBEDDED_DATA
-from peers.data import TokenBatcher, load_text_dataset
+from peers.data import TokenBatcher, data_seed, load_text_dataset
 from peers.evaluate import EvalConfig, Evaluator
 from peers.exportable import RunFacts, model_facts, shard_rows
 from peers.inner import InnerConfig, InnerLoop, InnerResult
@@ -166,14 +165,12 @@ class Peer:
             getattr(self.swarm, "swarm", self.swarm).before_state_change = self.checkpointer.wait_async
 
     def _make_batches(self, position: int, cursor: dict | None) -> None:
-        # The data order mixes the run's seed with this node's id: every peer (and every worker) reads its own order.
-        peer_salt = zlib.crc32(self.node.peer_id.to_bytes())
         batcher = TokenBatcher(
             self.dataset,
             self.loaded.tokenizer,
             self.config.batch_size,
             self.config.seq_len,
-            seed=self.config.seed * 1_000_003 + peer_salt,
+            seed=data_seed(self.config.seed, self.node.peer_id.to_bytes()),  # every peer and worker: its own order
             skip_batches=position,  # only for a checkpoint without a cursor (older ones): replayed
             cursor=cursor,
         )

@@ -72,27 +72,87 @@ def test_batches_resume_at_the_saved_position():
     assert torch.equal(next(resumed), expected[3]) and resumed.position == 4
 
 
+class CountingTokenizer(ByteTokenizer):
+    """Counts the examples it encodes: what a batcher had to read."""
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.encoded += 1
+        return super().encode(text)
+
+
 @pytest.mark.timeout(120)
-def test_a_far_resume_is_fast_and_gives_the_batch_the_stream_would_have():
-    """Three epochs into the embedded corpus (1.3M tokens): the uninterrupted stream takes seconds to get there; a
-    batcher made from the cursor starts there at once, reading only the example the cursor points into."""
+def test_a_far_resume_reads_only_the_examples_the_lanes_point_into_and_gives_the_batches_the_stream_would_have():
+    """Three epochs into the embedded corpus (1.3M tokens): a batcher made from the cursor starts there at once,
+    reading the one example each row's lane points into, where replaying the stream re-reads everything."""
     dataset = load_text_dataset("embedded")
     stream = TokenBatcher(dataset, ByteTokenizer(), 4, 128, seed=3)
-    started = time.perf_counter()
     for _ in range(2600):
         next(stream)
-    reach = time.perf_counter() - started
     cursor = stream.cursor
     expected = [next(stream) for _ in range(3)]
-    assert cursor["epoch"] >= 2 and cursor["batches"] == 2600 and cursor["offset"] > 0
+    assert cursor["batches"] == 2600 and len(cursor["lanes"]) == 4
+    assert all(lane["epoch"] >= 2 for lane in cursor["lanes"]) and any(lane["offset"] > 0 for lane in cursor["lanes"])
 
+    tokenizer = CountingTokenizer()
     started = time.perf_counter()
-    resumed = TokenBatcher(dataset, ByteTokenizer(), 4, 128, seed=3, cursor=cursor)
+    resumed = TokenBatcher(dataset, tokenizer, 4, 128, seed=3, cursor=cursor)
+    assert tokenizer.encoded == 4, "one example per lane"
     got = [next(resumed) for _ in range(3)]
-    resume = time.perf_counter() - started
+    assert time.perf_counter() - started < 1.0
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert resumed.position == 2603 and resumed.cursor == stream.cursor
-    assert resume < 1.0 and resume < reach / 5, f"resume {resume:.3f}s against {reach:.3f}s to stream there"
+
+
+@pytest.mark.timeout(60)
+def test_each_row_of_a_batch_continues_its_own_document():
+    """Rows are lanes: one long document fills one row of batch after batch, not every row of one batch (a peer
+    would train its whole inner loop on one document), and a lane that runs out takes the next document."""
+    import datasets
+
+    lengths = {c: 40 + 10 * i for i, c in enumerate("abcdefgh")}
+    dataset = datasets.Dataset.from_dict({"text": [c * n for c, n in lengths.items()]})
+    batcher = TokenBatcher(dataset, ByteTokenizer(), batch_size=4, seq_len=16, seed=0)
+    batches = [next(batcher) for _ in range(12)]
+    starts = [chr(int(row[0])) for row in batches[0]]
+    assert len(set(starts)) == 4, f"the first batch's rows start four documents, got {starts}"
+    for r in range(4):
+        lane = [t for batch in batches for t in batch[r].tolist()]
+        documents = [ByteTokenizer().decode(part) for part in _split(lane, ByteTokenizer.eos_token_id)]
+        assert documents[0] == starts[r] * lengths[starts[r]], "the lane holds its first document whole, in order"
+        second = documents[1]
+        assert second and second[0] not in starts and set(second) == {second[0]}, "then a document of its own"
+
+
+def _split(tokens: list[int], separator: int) -> list[list[int]]:
+    parts: list[list[int]] = [[]]
+    for t in tokens:
+        if t == separator:
+            parts.append([])
+        else:
+            parts[-1].append(t)
+    return parts
+
+
+@pytest.mark.timeout(60)
+def test_a_cursor_resumes_with_another_batch_size_and_an_old_cursor_is_replayed():
+    dataset = load_text_dataset("embedded")
+    stream = TokenBatcher(dataset, ByteTokenizer(), 4, 32, seed=5)
+    for _ in range(7):
+        next(stream)
+    cursor = stream.cursor
+    expected = next(stream)
+    fewer = next(TokenBatcher(dataset, ByteTokenizer(), 2, 32, seed=5, cursor=cursor))
+    more = next(TokenBatcher(dataset, ByteTokenizer(), 6, 32, seed=5, cursor=cursor))
+    assert torch.equal(fewer, expected[:2]) and torch.equal(more[:4], expected)
+    assert not any(torch.equal(more[4], row) for row in expected), "a new lane takes a document of its own"
+
+    # A checkpoint written before lanes existed holds one stream's place: its batch count is replayed.
+    old = {"batches": 7, "epoch": 0, "index": 3, "offset": 100}
+    replayed = TokenBatcher(dataset, ByteTokenizer(), 4, 32, seed=5, cursor=old)
+    assert replayed.position == 7 and torch.equal(next(replayed), expected)
 
 
 @pytest.mark.timeout(60)
