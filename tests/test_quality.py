@@ -133,6 +133,7 @@ def test_diloco_with_one_replica_reproduces_adamw(tmp_path):
     opts = {
         "model": "embedded", "dataset": "embedded", "batch_size": 2, "seq_len": 32, "lr": 1e-3,
         "warmup_steps": 2, "decay_steps": 8, "eval_batches": 1, "outer_steps": 2, "inner_steps": 4,
+        "worker_ids": [b"worker 0", b"worker 1"],  # what the benchmark reads from the swarm peers' identity files
     }  # fmt: skip
     adamw = quality.run_data_parallel(opts, seed=3, world=1, workdir=str(tmp_path))
     m1 = quality.run_diloco({**opts, "outer": {"lr": 1.0, "momentum": 0.0}}, seed=3)
