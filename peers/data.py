@@ -121,7 +121,8 @@ class TokenBatcher:
     resuming far into the data costs what resuming at its start costs. On a streamed dataset (no random access) the
     cursor also holds the stream's own state (`datasets`' `IterableDataset.state_dict`), which restores the stream's
     place but not its shuffle buffer: the examples after such a resume are not the ones an uninterrupted stream would
-    have given. A cursor saved with another batch size keeps the lanes both have; new lanes take fresh examples.
+    have given. A cursor saved with another batch size keeps the lanes both have; new lanes take fresh examples. A
+    cursor from before lanes (one stream's place) starts every lane afresh from that place in the same order.
     """
 
     def __init__(
@@ -142,10 +143,11 @@ class TokenBatcher:
         self.seekable = hasattr(dataset, "__len__")
         self._orders: dict[int, object] = {}
         if cursor is not None and "lanes" not in cursor:
-            # Written before lanes existed: that single stream's place means nothing in today's order. Replaying
-            # the batches keeps the count, which is what a checkpoint without a cursor gets too.
-            logger.info(f"the saved data cursor predates per-row lanes: replaying {cursor['batches']} batches")
-            skip_batches, cursor = int(cursor["batches"]), None
+            # Written before lanes existed: one stream's place, in the same shuffled order. The lanes start there,
+            # from the start of the example it points into (its offset was that one stream's).
+            logger.info("the saved data cursor predates per-row lanes: every row starts afresh at its place")
+            place = {key: cursor[key] for key in ("epoch", "index", "stream") if key in cursor}
+            cursor = {"batches": cursor["batches"], "lanes": [], "next": place}
         shared = cursor["next"] if cursor is not None else {"epoch": 0, "index": 0}
         self._examples = self._read_examples(int(shared["epoch"]), int(shared["index"]), shared.get("stream"))
         self._next = (int(shared["epoch"]), int(shared["index"]), shared.get("stream"))
@@ -194,15 +196,20 @@ class TokenBatcher:
                     order.load_state_dict(stream)
                 rows = iter(order)
             produced = index > 0
+            # A stream's state before an example is the state after the one before it. Read from the stream before
+            # the first example it would be wrong after a resume: `datasets` applies a loaded state only once
+            # iteration begins, so until then state_dict() still says "the epoch's start".
+            before = None if self.seekable else (stream if stream is not None else order.state_dict())
             while True:
-                before = None if self.seekable else order.state_dict()
                 example = next(rows, None)
                 if example is None:
                     break
+                after = None if self.seekable else order.state_dict()
                 text = example.get(self.column)
                 if isinstance(text, str) and text:
                     produced = True
-                    yield epoch, index, self._encode(text), before, None if self.seekable else order.state_dict()
+                    yield epoch, index, self._encode(text), before, after
+                before = after
                 index += 1
             if not produced:
                 raise DataLoadError("the dataset yielded no text")

@@ -137,7 +137,29 @@ def _split(tokens: list[int], separator: int) -> list[list[int]]:
 
 
 @pytest.mark.timeout(60)
-def test_a_cursor_resumes_with_another_batch_size_and_an_old_cursor_is_replayed():
+def test_a_streamed_dataset_resumes_where_it_was_after_a_resume_too():
+    """Lanes of a streamed dataset keep the stream's state before their example. Resumed twice, each row must go on
+    with its own document (the state read before a resumed stream's first example was the epoch's start, so after a
+    second resume every row re-read one and the same document)."""
+    import datasets
+
+    texts = [f"document {i:04d} " * 3 for i in range(3000)]
+    stream = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    first = TokenBatcher(stream, ByteTokenizer(), 8, 16, seed=1)
+    for _ in range(3):
+        next(first)
+    second = TokenBatcher(stream, ByteTokenizer(), 8, 16, seed=1, cursor=first.cursor)
+    next(second)
+    third = TokenBatcher(stream, ByteTokenizer(), 8, 16, seed=1, cursor=second.cursor)
+    expected = next(second)
+    got = next(third)
+    rows = [ByteTokenizer().decode(row.tolist()) for row in got]
+    assert len({row[:13] for row in rows}) > 1, rows
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.timeout(60)
+def test_a_cursor_resumes_with_another_batch_size_and_an_old_cursor_starts_at_its_place():
     dataset = load_text_dataset("embedded")
     stream = TokenBatcher(dataset, ByteTokenizer(), 4, 32, seed=5)
     for _ in range(7):
@@ -149,10 +171,15 @@ def test_a_cursor_resumes_with_another_batch_size_and_an_old_cursor_is_replayed(
     assert torch.equal(fewer, expected[:2]) and torch.equal(more[:4], expected)
     assert not any(torch.equal(more[4], row) for row in expected), "a new lane takes a document of its own"
 
-    # A checkpoint written before lanes existed holds one stream's place: its batch count is replayed.
-    old = {"batches": 7, "epoch": 0, "index": 3, "offset": 100}
-    replayed = TokenBatcher(dataset, ByteTokenizer(), 4, 32, seed=5, cursor=old)
-    assert replayed.position == 7 and torch.equal(next(replayed), expected)
+    # A checkpoint written before lanes existed holds one stream's place in the same shuffled order: the lanes start
+    # there at once (no replay), the first one at the start of the example it points into.
+    old = {"batches": 7, "epoch": 1, "index": 3, "offset": 100}
+    tokenizer = CountingTokenizer()
+    resumed = TokenBatcher(dataset, tokenizer, 4, 32, seed=5, cursor=old)
+    first = next(resumed)
+    assert resumed.position == 8 and tokenizer.encoded <= 8
+    text = dataset.shuffle(seed=5 + 1)[3]["text"]
+    assert first[0].tolist() == ByteTokenizer().encode(text)[:32]
 
 
 @pytest.mark.timeout(60)
