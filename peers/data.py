@@ -206,9 +206,11 @@ class TokenBatcher:
                     break
                 after = None if self.seekable else order.state_dict()
                 text = example.get(self.column)
-                if isinstance(text, str) and text:
+                # Text that encodes to no tokens counts as empty: a lane holding it would never fill its row.
+                tokens = self._encode(text) if isinstance(text, str) and text else []
+                if tokens:
                     produced = True
-                    yield epoch, index, self._encode(text), before, after
+                    yield epoch, index, tokens, before, after
                 before = after
                 index += 1
             if not produced:

@@ -197,6 +197,21 @@ def test_the_prefetcher_hands_out_the_stream_in_order_and_counts_what_was_taken(
     assert not prefetcher._thread.is_alive()
 
 
+class SilentTokenizer(ByteTokenizer):
+    """Encodes nothing and ends nothing: text that no token stands for."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return []
+
+
+@pytest.mark.timeout(60)
+def test_text_that_encodes_to_no_tokens_is_a_clear_error_not_a_hang():
+    with pytest.raises(DataLoadError, match="no text"):
+        TokenBatcher(load_text_dataset("embedded"), SilentTokenizer(), 2, 16, seed=0)
+
+
 @pytest.mark.timeout(60)
 def test_missing_or_unreadable_data_gives_a_clear_error(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\x00\x01")
