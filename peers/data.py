@@ -105,6 +105,11 @@ def data_seed(run_seed: int, peer_id: bytes) -> int:
     return run_seed * 1_000_003 + zlib.crc32(peer_id)
 
 
+def _place(epoch: int, index: int, stream: dict | None) -> dict:
+    """An example's place in a cursor: its epoch, its index in that epoch's order, a stream's state before it."""
+    return {"epoch": epoch, "index": index, **({} if stream is None else {"stream": stream})}
+
+
 class TokenBatcher:
     """Yields [batch_size, seq_len] token tensors forever. Row r of every batch continues lane r: a stream of its own
     that packs examples end to end with an end-of-text token. A lane that runs out takes the next example of the
@@ -164,14 +169,8 @@ class TokenBatcher:
     @property
     def cursor(self) -> dict:
         """Where the next batch starts (see the class docstring): ints, lists and dicts only, for a checkpoint."""
-        lanes = []
-        for epoch, index, offset, _, stream in self._lanes:
-            lanes.append(
-                {"epoch": epoch, "index": index, "offset": offset, **({} if stream is None else {"stream": stream})}
-            )
-        epoch, index, stream = self._next
-        shared = {"epoch": epoch, "index": index, **({} if stream is None else {"stream": stream})}
-        return {"batches": self.position, "lanes": lanes, "next": shared}
+        lanes = [{**_place(epoch, index, stream), "offset": offset} for epoch, index, offset, _, stream in self._lanes]
+        return {"batches": self.position, "lanes": lanes, "next": _place(*self._next)}
 
     def _order(self, epoch: int):
         if self.seekable:
