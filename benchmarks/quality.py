@@ -161,7 +161,7 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     ends. θ itself takes every round's exact mean, as blocking."""
     from peers.inner import InnerLoop
     from swarm.flat import difference, flatten, unflatten
-    from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp, OuterOptimizer
+    from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp, OuterOptimizer, final_round
     from swarm.overlap import merge, merge_share, to_start_point
 
     workers = [_setup(opts, seed, i) for i in range(replicas)]
@@ -172,7 +172,8 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     final = settings.pop("momentum_final", DEFAULT_MOMENTUM_FINAL)
     h = opts["inner_steps"]
     ramp = MomentumRamp.for_run(settings["momentum"], final, h, opts["warmup_steps"], opts["decay_steps"])
-    outer = OuterOptimizer([p.detach().clone() for p in models[0]], **settings, ramp=ramp)
+    last = final_round(h, opts["decay_steps"]) if opts.get("final_mean", True) else None  # as swarm-peer's default
+    outer = OuterOptimizer([p.detach().clone() for p in models[0]], **settings, ramp=ramp, final_round=last)
     shifts, last_mean, last_deltas, theta = [None] * replicas, None, [None] * replicas, None
     curve, tokens = [], 0
     for t in range(opts["outer_steps"]):
@@ -255,6 +256,8 @@ def run_swarm(opts: dict, seed: int, workdir: str, name: str, extra: list[str]) 
         outer += ["--outer-momentum", str(opts["outer"]["momentum"])]
     if opts["outer"].get("momentum_final") is not None:
         outer += ["--outer-momentum-final", str(opts["outer"]["momentum_final"])]
+    if not opts.get("final_mean", True):
+        outer += ["--no-final-mean"]
     peer_args = []
     for i in range(k):
         peer_args.append([
@@ -316,6 +319,12 @@ def _mean_curve(curves: list[list]) -> list:
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=None,
     help="Where the outer momentum ends as the inner rate decays. Default: swarm-peer's.",
+)
+@click.option(
+    "--final-mean/--no-final-mean",
+    default=True,
+    help="The run's last round applies the group's mean as it is (swarm-peer's default), in the swarm and in one "
+    "process.",
 )
 @click.option("--peer-args", default="", help="More swarm-peer flags for the swarm arms.")
 @click.option("--arms", default=",".join(DEFAULT_ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")

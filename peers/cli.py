@@ -16,7 +16,7 @@ from peers.inner import InnerConfig
 from peers.model import ModelLoadError
 from swarm import MatchmakingConfig, NodeConfig, SwarmConfig, SwarmConnectionError
 from swarm.codec import CODECS
-from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp
+from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp, final_round
 
 logger = logging.getLogger("swarm-peer")
 
@@ -163,6 +163,12 @@ network, training, data, observability, checkpoints = (
     default=DEFAULT_MOMENTUM_FINAL,
     help="Outer momentum at the end of the inner learning rate's decay: it rises from --outer-momentum as the rate"
     " decays. Only with --decay-steps and 0 < --outer-momentum < this; otherwise it stays at --outer-momentum.",
+)
+@training(
+    "--final-mean/--no-final-mean",
+    default=True,
+    help="With --decay-steps: the round that ends the decay, and any after it, apply the group's mean as it is,"
+    " without the outer step's extrapolation, so the run ends on the mean of its peers' models.",
 )
 @training(
     "--error-feedback/--no-error-feedback",
@@ -395,6 +401,7 @@ def build_config(flags: dict):
             flags["warmup_steps"],
             flags["decay_steps"],
         ),
+        outer_final_round=final_round(flags["inner_steps"], flags["decay_steps"]) if flags["final_mean"] else None,
         compression=flags["compression"],
         matchmaking=MatchmakingConfig(
             min_group_size=flags["min_group_size"],

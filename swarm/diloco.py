@@ -60,6 +60,11 @@ class SwarmConfig:
     outer_momentum_ramp: MomentumRamp | None = None
     """The momentum rising from outer_momentum as the run's inner learning rate decays (see MomentumRamp); shared
     by the group like the other outer settings."""
+    outer_final_round: int | None = None
+    """The run's outer step from which rounds apply the group's mean as it is, without the outer step's
+    extrapolation (OuterOptimizer.lands_on_mean): swarm-peer sets the round that ends the inner decay, so a run
+    that knows its length ends on the mean of its members' models. Shared by the group like the other outer
+    settings; None: never."""
     compression: str = "int8"
     """Wire codec of pseudo-gradients: int8 or int4 (blockwise), fp16 or none."""
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
@@ -96,7 +101,9 @@ class SwarmConfig:
     @property
     def outer_description(self) -> str:
         about = f"outer lr {self.outer_lr:g} momentum {self.outer_momentum:g}"
-        return about if self.outer_momentum_ramp is None else f"{about} {self.outer_momentum_ramp.describe()}"
+        if self.outer_momentum_ramp is not None:
+            about = f"{about} {self.outer_momentum_ramp.describe()}"
+        return about if self.outer_final_round is None else f"{about}, the mean from round {self.outer_final_round}"
 
     @property
     def namespace(self) -> str:
@@ -113,6 +120,8 @@ class SwarmConfig:
             raise ValueError("allreduce_timeout_seconds must be positive")
         if self.allreduce_retries < 0:
             raise ValueError("allreduce_retries must be at least 0")
+        if self.outer_final_round is not None and self.outer_final_round < 0:
+            raise ValueError("outer_final_round must be a run's outer step (0 or more)")
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,11 @@ class Swarm(SequenceMethods):
         self.node, self.config = node, config
         self.params = [p.detach().to(device="cpu", dtype=torch.float32).clone() for p in params]
         self.outer = OuterOptimizer(
-            self.params, lr=config.outer_lr, momentum=config.outer_momentum, ramp=config.outer_momentum_ramp
+            self.params,
+            lr=config.outer_lr,
+            momentum=config.outer_momentum,
+            ramp=config.outer_momentum_ramp,
+            final_round=config.outer_final_round,
         )
         self.params = self.outer.params
         self.codec = make_codec(config.compression)

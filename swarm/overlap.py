@@ -50,9 +50,10 @@ def to_start_point(outer: OuterOptimizer, index: int, values: torch.Tensor, alon
     """Overwrite `values`, this peer's pseudo-gradient for parameter `index` of θ, with its guess of θ after the round
     in flight, which starts from the run's outer step `at`: the outer step with that pseudo-gradient as the group's
     average (momentum drift included, the same on every member), or, when the peer expects to average `alone`, its
-    own inner result (θ − Δ, as OuterOptimizer.step_alone)."""
+    own inner result (θ − Δ, as OuterOptimizer.step_alone); a round that lands on the group's mean
+    (OuterOptimizer.lands_on_mean) foresees θ − Δ as well."""
     theta = outer.params[index].reshape(values.shape)
-    if alone:
+    if alone or outer.lands_on_mean(at):
         values.neg_().add_(theta)
         return
     lr, mu = outer.settings(at)

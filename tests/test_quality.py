@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from peers.cli import build_config
 from peers.cli import main as peer_main
 from peers.inner import InnerConfig
-from swarm.outer import MomentumRamp, OuterOptimizer
+from swarm.outer import MomentumRamp, OuterOptimizer, final_round
 from swarm.overlap import to_start_point
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +123,52 @@ def test_a_ramped_outer_step_takes_the_momentum_of_its_round_and_the_overlap_gue
     assert outer.settings(4)[1] == 0.9
     with pytest.raises(ValueError, match="positive outer momentum"):
         OuterOptimizer([t.clone() for t in theta], lr=0.7, momentum=0.0, ramp=ramp)
+
+
+@pytest.mark.timeout(30)
+def test_the_round_that_ends_the_decay_lands_on_the_groups_mean():
+    """Before it, Nesterov's step; from it on, θ − mean Δ, with the momentum kept as torch's SGD keeps it (a run that
+    goes on past its decay goes on averaging), and the overlap guess foresees it."""
+    theta = [torch.randn(4, 3), torch.randn(5)]
+    outer = OuterOptimizer([t.clone() for t in theta], lr=0.7, momentum=0.5, final_round=2)
+    params = [torch.nn.Parameter(t.clone()) for t in theta]
+    reference = torch.optim.SGD(params, lr=0.7, momentum=0.5, nesterov=True)
+    with pytest.raises(ValueError, match="depends on the round"):
+        outer.step([torch.zeros_like(t) for t in theta])
+    for step in range(4):
+        before = [p.clone() for p in outer.params]
+        delta = [0.1 * torch.randn_like(t) for t in theta]
+        guess = [d.clone() for d in delta]
+        for i, g in enumerate(guess):
+            to_start_point(outer, i, g, False, step)
+        outer.step(delta, at=step)
+        for p, d in zip(params, delta, strict=True):
+            p.grad = d.clone()
+        reference.step()  # its momentum buffers are what a run that continues needs
+        for i, (p, q, g, b, d) in enumerate(zip(outer.params, params, guess, before, delta, strict=True)):
+            assert torch.allclose(p, g, atol=1e-6, rtol=0)
+            assert torch.allclose(outer.momentum_buffer(i), reference.state[q]["momentum_buffer"], atol=1e-6, rtol=0)
+            if step < 2:
+                assert torch.allclose(p, q, atol=1e-6, rtol=0)
+            else:
+                assert torch.equal(p, b - d)
+                with torch.no_grad():
+                    q.copy_(p)  # the reference goes on from where the mean put θ
+    assert [outer.lands_on_mean(t) for t in range(4)] == [False, False, True, True]
+    with pytest.raises(ValueError, match="final round"):
+        OuterOptimizer([t.clone() for t in theta], final_round=-1)
+
+
+@pytest.mark.timeout(30)
+def test_a_run_that_knows_its_length_ends_on_the_mean_and_an_open_ended_one_never_does():
+    flags = ("--inner-steps", "30", "--warmup-steps", "45", "--decay-steps", "900")
+    swarm = peer_config(*flags).swarm
+    assert swarm.outer_final_round == 29  # rounds 0-29: the last inner step of round 29 is the decay's 900th
+    assert swarm.outer_description.endswith(", the mean from round 29")  # part of the schema
+    assert final_round(30, 901) == 30 and final_round(30, 10) == 0 and final_round(30, None) is None
+    assert peer_config("--inner-steps", "30").swarm.outer_final_round is None
+    assert peer_config("--no-final-mean", *flags).swarm.outer_final_round is None
+    assert peer_config("--outer-momentum", "0", *flags).swarm.outer_final_round == 29  # plain SGD steps past too
 
 
 @pytest.mark.timeout(180)

@@ -102,9 +102,12 @@ async def test_four_peers_find_each_other_through_bootstrap_and_average():
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("ramp", [None, MomentumRamp(final=0.9, start=0.0, end=2.0)], ids=["constant", "ramp"])
 async def test_outer_step_equals_reference_diloco_without_compression(ramp):
+    """With a ramp, as swarm-peer's --decay-steps sets it up: the momentum rises, and the last round (step 2, which
+    ends the decay) applies the group's mean as it is."""
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
-        cfg = dataclasses.replace(config(), outer_momentum_ramp=ramp)
+        final = None if ramp is None else 2
+        cfg = dataclasses.replace(config(), outer_momentum_ramp=ramp, outer_final_round=final)
         async with running_swarms(nodes, theta, lambda i: cfg) as swarms:
             expected, state = theta, None
             for step in range(3):
@@ -115,7 +118,12 @@ async def test_outer_step_equals_reference_diloco_without_compression(ramp):
                 mu = SwarmConfig.outer_momentum
                 if ramp is not None:  # round t sits at t + 0.5 of a cosine from 0.5 at step 0 to 0.9 at step 2
                     mu += (0.9 - mu) * (1 - math.cos(math.pi * min(1.0, (step + 0.5) / 2))) / 2
-                expected, state = reference_outer_step(expected, locals_, tokens, momentum=mu, momentum_buffers=state)
+                if step == final:  # the mean of the members' models, no extrapolation past it
+                    expected, _ = reference_outer_step(expected, locals_, tokens, lr=1.0, momentum=0.0)
+                else:
+                    expected, state = reference_outer_step(
+                        expected, locals_, tokens, momentum=mu, momentum_buffers=state
+                    )
                 for s in swarms:
                     assert_params_close(s.params, expected, f"step {step}: differs from reference")
 
