@@ -10,7 +10,9 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import random
 import zlib
+from array import array
 from collections.abc import Iterator
 
 import torch
@@ -110,15 +112,23 @@ def _place(epoch: int, index: int, stream: dict | None) -> dict:
     return {"epoch": epoch, "index": index, **({} if stream is None else {"stream": stream})}
 
 
+DEFAULT_LANES = 64
+"""Documents a peer's batcher reads at once (TokenBatcher's `lanes`); see README, Training quality."""
+
+
 class TokenBatcher:
-    """Yields [batch_size, seq_len] token tensors forever. Row r of every batch continues lane r: a stream of its own
-    that packs examples end to end with an end-of-text token. A lane that runs out takes the next example of the
-    shared, shuffled order (rows fill in order, so the lanes take examples in a fixed order).
+    """Yields [batch_size, seq_len] token tensors forever, read from `lanes` open documents at once. A lane is a
+    stream of its own that packs examples end to end with an end-of-text token; a lane that runs out takes the next
+    example of the shared, shuffled order (lanes fill in order, so they take examples in a fixed order). Each batch
+    draws its rows from batch_size different lanes, picked afresh for every batch from the seed and the batch's
+    position; with as many lanes as rows, row r of every batch continues lane r.
 
     Why lanes: packing every row from one stream put one long document into every row of batch after batch (most of
     the embedded corpus's tokens are in documents of more than 8192 tokens, a batch holds 1024), so a peer trained
-    for whole inner loops on one document, and its local model drifted towards it. With lanes a batch holds up to
-    batch_size documents, as a data-parallel step over several workers does.
+    for whole inner loops on one document, and its local model drifted towards it. Why more lanes than rows: with
+    one lane per row, consecutive batches still continue the same batch_size documents, so a peer's inner loop of
+    30 steps saw a dozen documents; drawing the rows from many open documents makes consecutive batches nearly
+    independent samples of the data, as a shuffle of packed sequences does.
 
     `position` counts the batches produced; `cursor` says where the next batch starts: for each lane the example it
     reads (epoch, index in that epoch's shuffled order) and the token offset into it, and where the shared order goes
@@ -126,8 +136,9 @@ class TokenBatcher:
     resuming far into the data costs what resuming at its start costs. On a streamed dataset (no random access) the
     cursor also holds the stream's own state (`datasets`' `IterableDataset.state_dict`), which restores the stream's
     place but not its shuffle buffer: the examples after such a resume are not the ones an uninterrupted stream would
-    have given. A cursor saved with another batch size keeps the lanes both have; new lanes take fresh examples. A
-    cursor from before lanes (one stream's place) starts every lane afresh from that place in the same order.
+    have given. A cursor saved with another number of lanes keeps the lanes both have; new lanes take fresh
+    examples. A cursor from before lanes (one stream's place) starts every lane afresh from that place in the same
+    order.
     """
 
     def __init__(
@@ -139,9 +150,11 @@ class TokenBatcher:
         seed: int,
         skip_batches: int = 0,
         cursor: dict | None = None,
+        lanes: int = DEFAULT_LANES,
     ):
         """Start at `cursor` (a previous batcher's `cursor`) or, without one, replay `skip_batches` batches (what a
-        checkpoint without a cursor needs; ignored with a cursor)."""
+        checkpoint without a cursor needs; ignored with a cursor). `lanes`: documents read at once, at least
+        batch_size."""
         self.dataset, self.tokenizer = dataset, tokenizer
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.column = _text_column(dataset)
@@ -158,9 +171,10 @@ class TokenBatcher:
         self._next = (int(shared["epoch"]), int(shared["index"]), shared.get("stream"))
         # Per lane: (epoch, index, offset, tokens, stream state before the example); its tokens from offset on are
         # still to come. A lane always holds an example: its place is the lane's part of the cursor.
-        saved = [] if cursor is None else cursor["lanes"][:batch_size]
+        self.lanes = max(batch_size, lanes)
+        saved = [] if cursor is None else cursor["lanes"][: self.lanes]
         self._lanes = [self._reread(lane) for lane in saved]
-        while len(self._lanes) < batch_size:
+        while len(self._lanes) < self.lanes:
             self._lanes.append(self._take())
         self.position = 0 if cursor is None else int(cursor["batches"])
         for _ in range(0 if cursor is not None else skip_batches):
@@ -228,17 +242,25 @@ class TokenBatcher:
         epoch, index, tokens, before, _ = next(self._read_examples(epoch, index, stream))
         return epoch, index, int(lane["offset"]), tokens, before
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> array:
         ids = self.tokenizer.encode(text)
         eos = getattr(self.tokenizer, "eos_token_id", None)
-        return list(ids) + ([eos] if eos is not None else [])
+        # 8 bytes a token, where a list of ints takes about 36: a lane may hold a whole book.
+        return array("q", list(ids) + ([eos] if eos is not None else []))
+
+    def lanes_of(self, position: int) -> list[int] | range:
+        """The lanes that batch `position` reads, one per row: a function of the seed and the position alone, so a
+        resumed batcher draws what the uninterrupted one would have."""
+        if self.lanes == self.batch_size:
+            return range(self.batch_size)
+        return random.Random(self.seed * 1_000_003 + position).sample(range(self.lanes), self.batch_size)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
         rows = []
-        for lane in range(self.batch_size):
+        for lane in self.lanes_of(self.position):
             row: list[int] = []
             while len(row) < self.seq_len:
                 epoch, index, offset, tokens, stream = self._lanes[lane]

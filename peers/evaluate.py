@@ -31,7 +31,8 @@ class Evaluator:
         self.config, self.model = config, model
         self.device, self.autocast_dtype = torch.device(device), autocast_dtype
         dataset = load_text_dataset(config.dataset, split="heldout")
-        batcher = TokenBatcher(dataset, tokenizer, batch_size, seq_len, seed=EVAL_SEED)
+        # One lane per row, as before lanes were pooled: the held-out batches stay the ones every figure measured.
+        batcher = TokenBatcher(dataset, tokenizer, batch_size, seq_len, seed=EVAL_SEED, lanes=batch_size)
         self.batches = [next(batcher) for _ in range(config.batches)]
 
     def due(self, outer_step: int) -> bool:

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from peers.data import DataLoadError, TokenBatcher, embedded_corpus, load_text_dataset
+from peers.data import DEFAULT_LANES, DataLoadError, TokenBatcher, embedded_corpus, load_text_dataset
 from peers.model import ByteTokenizer, ModelLoadError, embedded_config, load_model
 from peers.prefetch import Prefetcher
 
@@ -93,13 +93,13 @@ def test_a_far_resume_reads_only_the_examples_the_lanes_point_into_and_gives_the
         next(stream)
     cursor = stream.cursor
     expected = [next(stream) for _ in range(3)]
-    assert cursor["batches"] == 2600 and len(cursor["lanes"]) == 4
-    assert all(lane["epoch"] >= 2 for lane in cursor["lanes"]) and any(lane["offset"] > 0 for lane in cursor["lanes"])
+    assert cursor["batches"] == 2600 and len(cursor["lanes"]) == DEFAULT_LANES
+    assert cursor["next"]["epoch"] >= 2 and any(lane["offset"] > 0 for lane in cursor["lanes"])  # far in
 
     tokenizer = CountingTokenizer()
     started = time.perf_counter()
     resumed = TokenBatcher(dataset, tokenizer, 4, 128, seed=3, cursor=cursor)
-    assert tokenizer.encoded == 4, "one example per lane"
+    assert tokenizer.encoded == DEFAULT_LANES, "one example per lane"
     got = [next(resumed) for _ in range(3)]
     assert time.perf_counter() - started < 1.0
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
@@ -114,7 +114,7 @@ def test_each_row_of_a_batch_continues_its_own_document():
 
     lengths = {c: 40 + 10 * i for i, c in enumerate("abcdefgh")}
     dataset = datasets.Dataset.from_dict({"text": [c * n for c, n in lengths.items()]})
-    batcher = TokenBatcher(dataset, ByteTokenizer(), batch_size=4, seq_len=16, seed=0)
+    batcher = TokenBatcher(dataset, ByteTokenizer(), batch_size=4, seq_len=16, seed=0, lanes=4)
     batches = [next(batcher) for _ in range(12)]
     starts = [chr(int(row[0])) for row in batches[0]]
     assert len(set(starts)) == 4, f"the first batch's rows start four documents, got {starts}"
@@ -124,6 +124,38 @@ def test_each_row_of_a_batch_continues_its_own_document():
         assert documents[0] == starts[r] * lengths[starts[r]], "the lane holds its first document whole, in order"
         second = documents[1]
         assert second and second[0] not in starts and set(second) == {second[0]}, "then a document of its own"
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_draws_its_rows_from_many_open_documents_each_read_whole_and_in_order():
+    """More lanes than rows: consecutive batches read many documents, not the same batch_size ones, and each lane
+    still reads its documents whole and in order; a resume draws the same rows."""
+    import datasets
+
+    texts = [f"<{i:02d}>" + "".join(chr(97 + (i + j) % 26) for j in range(30 + 7 * i)) for i in range(24)]
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    batcher = TokenBatcher(dataset, ByteTokenizer(), batch_size=4, seq_len=16, seed=0, lanes=16)
+    lanes: dict[int, list[int]] = {}
+    batches = []
+    for position in range(30):
+        batch = next(batcher)
+        batches.append(batch)
+        rows = batcher.lanes_of(position)
+        assert len(set(rows)) == 4 and all(0 <= lane < 16 for lane in rows)
+        for row, lane in zip(batch.tolist(), rows, strict=True):
+            lanes.setdefault(lane, []).extend(row)
+    read = {lane for p in range(8) for lane in batcher.lanes_of(p)}  # 16 lanes hold 16 of the 24 documents
+    assert len(read) > 8, f"8 batches of 4 rows read only lanes {sorted(read)}"
+    assert len({batcher.lanes_of(p)[0] for p in range(30)}) > 4, "the first row is not always the same lane"
+    for lane, tokens in lanes.items():
+        for whole in [ByteTokenizer().decode(part) for part in _split(tokens, ByteTokenizer.eos_token_id)][1:-1]:
+            assert whole in texts, f"lane {lane} read {whole!r}, not a document whole and in order"
+
+    resumed = TokenBatcher(dataset, ByteTokenizer(), 4, 16, seed=0, lanes=16)
+    for _ in range(10):
+        next(resumed)
+    again = TokenBatcher(dataset, ByteTokenizer(), 4, 16, seed=0, cursor=resumed.cursor, lanes=16)
+    assert all(torch.equal(next(again), expected) for expected in batches[10:])
 
 
 def _split(tokens: list[int], separator: int) -> list[list[int]]:
@@ -161,13 +193,13 @@ def test_a_streamed_dataset_resumes_where_it_was_after_a_resume_too():
 @pytest.mark.timeout(60)
 def test_a_cursor_resumes_with_another_batch_size_and_an_old_cursor_starts_at_its_place():
     dataset = load_text_dataset("embedded")
-    stream = TokenBatcher(dataset, ByteTokenizer(), 4, 32, seed=5)
+    stream = TokenBatcher(dataset, ByteTokenizer(), 4, 32, seed=5, lanes=4)  # row r continues lane r
     for _ in range(7):
         next(stream)
     cursor = stream.cursor
     expected = next(stream)
-    fewer = next(TokenBatcher(dataset, ByteTokenizer(), 2, 32, seed=5, cursor=cursor))
-    more = next(TokenBatcher(dataset, ByteTokenizer(), 6, 32, seed=5, cursor=cursor))
+    fewer = next(TokenBatcher(dataset, ByteTokenizer(), 2, 32, seed=5, cursor=cursor, lanes=2))
+    more = next(TokenBatcher(dataset, ByteTokenizer(), 6, 32, seed=5, cursor=cursor, lanes=6))
     assert torch.equal(fewer, expected[:2]) and torch.equal(more[:4], expected)
     assert not any(torch.equal(more[4], row) for row in expected), "a new lane takes a document of its own"
 
@@ -175,7 +207,7 @@ def test_a_cursor_resumes_with_another_batch_size_and_an_old_cursor_starts_at_it
     # there at once (no replay), the first one at the start of the example it points into.
     old = {"batches": 7, "epoch": 1, "index": 3, "offset": 100}
     tokenizer = CountingTokenizer()
-    resumed = TokenBatcher(dataset, tokenizer, 4, 32, seed=5, cursor=old)
+    resumed = TokenBatcher(dataset, tokenizer, 4, 32, seed=5, cursor=old, lanes=4)
     first = next(resumed)
     assert resumed.position == 8 and tokenizer.encoded <= 8
     text = dataset.shuffle(seed=5 + 1)[3]["text"]
