@@ -203,7 +203,11 @@ class TokenBatcher:
         while True:
             order = self._order(epoch)
             if self.seekable:
-                rows = iter(order.select(range(index, len(order))) if index else order)
+                # A place at the epoch's very end (the last example was taken) goes on with the next epoch;
+                # `datasets` refuses an empty select there.
+                rows = iter(
+                    order.select(range(index, len(order))) if 0 < index < len(order) else [] if index else order
+                )
             else:
                 if stream is not None:
                     order.load_state_dict(stream)

@@ -107,6 +107,19 @@ def test_a_far_resume_reads_only_the_examples_the_lanes_point_into_and_gives_the
 
 
 @pytest.mark.timeout(60)
+def test_a_cursor_whose_next_example_is_past_the_epochs_end_goes_on_with_the_next_epoch():
+    """A checkpoint taken just after the lanes took an epoch's last example (64 lanes over the embedded corpus's 71
+    documents make it common) resumes; it raised IndexError from datasets' select."""
+    dataset = load_text_dataset("embedded")
+    cursor = {"batches": 5, "lanes": [], "next": {"epoch": 0, "index": len(dataset)}}
+    resumed = TokenBatcher(dataset, ByteTokenizer(), 2, 32, seed=5, cursor=cursor, lanes=2)
+    first = next(resumed)
+    text = dataset.shuffle(seed=5 + 1)[0]["text"]  # epoch 1's first example
+    assert first[0].tolist() == ByteTokenizer().encode(text)[:32]
+    assert resumed.cursor["lanes"][0]["epoch"] == 1 and resumed.position == 6
+
+
+@pytest.mark.timeout(60)
 def test_each_row_of_a_batch_continues_its_own_document():
     """Rows are lanes: one long document fills one row of batch after batch, not every row of one batch (a peer
     would train its whole inner loop on one document), and a lane that runs out takes the next document."""
