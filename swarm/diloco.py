@@ -120,8 +120,6 @@ class SwarmConfig:
             raise ValueError("allreduce_timeout_seconds must be positive")
         if self.allreduce_retries < 0:
             raise ValueError("allreduce_retries must be at least 0")
-        if self.outer_final_round is not None and self.outer_final_round < 0:
-            raise ValueError("outer_final_round must be a run's outer step (0 or more)")
 
 
 @dataclass(frozen=True)
