@@ -7,7 +7,9 @@
   daemons' libp2p streams instead. Every reducer reduces robustly, as peers do by default (swarm.robust); a
   "-plain" suffix ("int8-plain", "none-relayed-plain") takes the plain weighted mean instead, and when both of a
   pair ran, the robust one's time is printed as a ratio to the plain one's (the peers are honest: no contribution
-  is ever clipped, so the ratio is what judging costs);
+  is ever clipped, so the ratio is what judging costs). Bytes go as the codec wrote them; a "-coded" suffix
+  ("int8-coded") Huffman codes every payload (swarm.entropy, `--entropy-coding on`), and when int8 ran too, its
+  time and bytes are printed as ratios to int8's: what coding costs on this link, and what it saves;
 - hivemind: the stock `DecentralizedAverager` with no compression (its own matchmaking and all-reduce);
 - gloo: `torch.distributed.all_reduce` in fp32, the data-parallel baseline.
 
@@ -114,7 +116,7 @@ def swarm_worker(rank, peers, numel, rounds, maddrs, system, barrier, out):
         matchmaker = Matchmaker(node, run, "bench", MatchmakingConfig(min_group_size=peers, timeout_seconds=60))
         averager = Averager(
             node, run, make_codec(codec_name), timeout_seconds=600, direct="relayed" not in options,
-            robust="plain" not in options,
+            robust="plain" not in options, entropy_coding="on" if "coded" in options else "off",
         )  # fmt: skip
         await averager.start()
         matchmaker.direct_endpoints = averager.direct_endpoints
@@ -190,7 +192,7 @@ def capped(rate: str) -> None:
 
 SWARM_SYSTEMS = [
     f"{codec}{plane}{mode}" for codec in ("int8", "none") for plane in ("", "-relayed") for mode in ("", "-plain")
-]
+] + ["int8-coded"]
 
 
 @click.command()
@@ -201,7 +203,8 @@ SWARM_SYSTEMS = [
 @click.option(
     "--systems",
     default="gloo,int8,int8-plain,none,int8-relayed,hivemind",
-    help="Comma-separated, from gloo, int8, none, int8-relayed, none-relayed (each also with -plain), hivemind.",
+    help="Comma-separated, from gloo, int8, none, int8-relayed, none-relayed (each also with -plain), int8-coded, "
+    "hivemind.",
 )
 @click.option("--shaped", is_flag=True, hidden=True)
 def main(peers: int, numel: int, rounds: int, bandwidth: str | None, systems: str, shaped: bool) -> None:
@@ -232,6 +235,9 @@ def main(peers: int, numel: int, rounds: int, bandwidth: str | None, systems: st
         if robust is not None and plain is not None:
             cpu = f", CPU {robust[2] / plain[2]:.2f}x" if robust[2] and plain[2] else ""
             print(f"robust / plain, {system}: wall {robust[0] / plain[0]:.2f}x{cpu}", flush=True)
+    coded, int8 = results.get("swarm int8-coded"), results.get("swarm int8")
+    if coded is not None and int8 is not None:
+        print(f"coded / int8: wall {coded[0] / int8[0]:.2f}x, bytes sent {coded[1] / int8[1]:.4f}x", flush=True)
 
 
 if __name__ == "__main__":

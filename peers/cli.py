@@ -16,6 +16,7 @@ from peers.inner import InnerConfig
 from peers.model import ModelLoadError
 from swarm import MatchmakingConfig, NodeConfig, SwarmConfig, SwarmConnectionError
 from swarm.codec import CODECS
+from swarm.entropy import MODES
 from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp, final_round
 
 logger = logging.getLogger("swarm-peer")
@@ -72,6 +73,13 @@ network, training, data, observability, checkpoints = (
     help="Seconds to reach the initial peers before giving up.",
 )
 @network("--compression", type=click.Choice(sorted(CODECS)), default="int8", help="Wire format of pseudo-gradients.")
+@network(
+    "--entropy-coding",
+    type=click.Choice(MODES),
+    default="auto",
+    help="Huffman code what this peer sends of each all-reduce, losslessly (3-8% fewer bytes, about 140 MB/s of one "
+    "core): auto does while its last round sent at under 64 Mbit/s.",
+)
 @network(
     "--min-group-size",
     type=click.IntRange(min=1),
@@ -411,6 +419,7 @@ def build_config(flags: dict):
         allreduce_timeout_seconds=flags["allreduce_timeout"],
         allreduce_retries=flags["allreduce_retries"],
         direct_data_plane=flags["direct"],
+        entropy_coding=flags["entropy_coding"],
         error_feedback=flags["error_feedback"],
         robust_averaging=flags["robust_averaging"],
         overlap=flags["overlap"],

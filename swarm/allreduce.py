@@ -42,6 +42,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 from swarm import audit, direct, records
 from swarm.codec import Codec, CodecError
 from swarm.direct import HELLO_TIMEOUT, DirectKey, DirectServer
+from swarm.entropy import EntropyCoding, Packed, pack
 from swarm.flat import all_finite
 from swarm.matchmaking import Group
 from swarm.node import SwarmNode
@@ -178,12 +179,15 @@ class Averager:
         timeout_seconds: float = 60.0,
         direct: bool = True,
         robust: bool = True,
+        entropy_coding: str = "auto",
     ):
         """`robust`: reduce our part robustly (swarm.robust: bounded weights, CenteredClip, garbage dropped) rather
-        than with the plain token-weighted mean; the two agree bit for bit while nobody is out of line."""
+        than with the plain token-weighted mean; the two agree bit for bit while nobody is out of line.
+        `entropy_coding`: whether what this member sends is Huffman coded (swarm.entropy: auto, on or off)."""
         self.node, self.run_id, self.codec = node, records.validate_namespace(run_id), codec
         self.timeout_seconds = timeout_seconds
         self.robust = robust
+        self.coding = EntropyCoding(entropy_coding)
         self.caught: dict[PeerID, str] = {}
         """Members whose contribution to a part we reduced was garbage (a lied weight, undecodable or non-finite
         values, values far outside the others'), with the reason; robust mode only."""
@@ -355,9 +359,9 @@ class Averager:
         # The caller owns the average from here; the round keeps only the encoded parts, for members that missed one.
         rnd.output, rnd.values = None, {}
         total = sum(rnd.weights.values())
-        return AllReduceResult(
-            averaged, total, rnd.counter.sent, rnd.counter.received, time.perf_counter() - started, recovered
-        )
+        seconds = time.perf_counter() - started
+        self.coding.observe(rnd.counter.sent, seconds)
+        return AllReduceResult(averaged, total, rnd.counter.sent, rnd.counter.received, seconds, recovered)
 
     async def _settle(self, rnd: _Round, tasks: dict[asyncio.Task, int], deadline: float) -> tuple[set[int], list]:
         """Run the exchanges to their end or the deadline. Returns the members lost and the other errors seen."""
@@ -487,7 +491,7 @@ class Averager:
 
     async def _own_result(self, rnd: _Round, own: torch.Tensor) -> None:
         # Shielded: cancelling this task must not cancel the result that the handlers still serve to the others.
-        payload = await asyncio.shield(rnd.result)
+        payload = (await asyncio.shield(rnd.result)).raw
         values = await self._decode_part(rnd, rnd.group.my_index, payload, own)
         rnd.payloads[rnd.group.my_index], rnd.values[rnd.group.my_index] = payload, values
 
@@ -521,7 +525,7 @@ class Averager:
                 "numel": part.numel(),
                 "codec": self.codec.tag,
             }
-            await write_frame(writer, header, payload, rnd.counter)
+            await write_frame(writer, header, await pack(payload) if self.coding.active else payload, rnd.counter)
             reply, averaged = await read_frame(reader, rnd.counter)
         except direct.NotAMember as e:
             raise _MemberLost(index, f"{peer} is not averaging in this group (it never learned of it)") from e
@@ -594,8 +598,10 @@ class Averager:
                 acc = await _maybe_in_thread(self._weighted_mean, rnd.contributions, rnd.output[lo:hi])
             rnd.contributions.clear()  # summed: only their weights are needed from here on
             payload = await _maybe_in_thread(self.codec.encode, acc)
+            # Coded once, whichever members it goes to (each decodes it to the same raw bytes).
+            packed = await pack(payload) if self.coding.active else Packed(payload)
             if not rnd.result.done():
-                rnd.result.set_result(payload)
+                rnd.result.set_result(packed)
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -82,6 +82,9 @@ class SwarmConfig:
     direct_data_plane: bool = True
     """Move all-reduce bytes over direct TCP connections between group members when they can reach each other
     (see swarm.direct); off, or unreachable, they go through the p2p daemons' relayed streams."""
+    entropy_coding: str = "auto"
+    """Huffman code what this peer sends of each all-reduce (swarm.entropy): `auto` while its last round sent at under
+    64 Mbit/s, `on`, `off`. Lossless, and each peer's own choice: members read both."""
     robust_averaging: bool = True
     """Reduce each part robustly (swarm.robust): weights bounded by the group's median, CenteredClip when some
     contribution is far from the others, garbage dropped and its sender named. With nobody out of line the result
@@ -175,6 +178,7 @@ class Swarm(SequenceMethods):
             config.allreduce_timeout_seconds,
             direct=config.direct_data_plane,
             robust=config.robust_averaging,
+            entropy_coding=config.entropy_coding,
         )
         self.global_step = outer_step
         numel = sum(p.numel() for p in self.params)

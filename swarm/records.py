@@ -23,7 +23,8 @@ from hivemind.p2p import PeerID
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: all-reduce payloads may travel Huffman coded (swarm.entropy), which a peer of protocol 1 would misread."""
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}(\.shard[0-9]{1,4}of[0-9]{1,4})?$")
 

@@ -1,8 +1,10 @@
 """Framing for swarm's binary libp2p streams: length-prefixed msgpack headers, optionally followed by raw bytes.
 
 Each frame is `u32 header_len | header (msgpack map) | payload (header["nbytes"] bytes, may be 0)`. Raw payloads
-travel as they are, so a 100 MB pseudo-gradient is never copied into a msgpack object. Everything read from the
-network is checked: a malformed frame raises ProtocolError and never reaches the caller as data.
+travel as they are, so a 100 MB pseudo-gradient is never copied into a msgpack object. A payload may travel Huffman
+coded (swarm.entropy): the header then says `coding` and the raw `size`, and the reader hands on the raw bytes.
+Everything read from the network is checked: a malformed frame raises ProtocolError and never reaches the caller as
+data.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import struct
 from dataclasses import dataclass
 
 import msgpack
+
+from swarm.entropy import CODING, CodingError, Packed, unpack
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 2**31
@@ -31,8 +35,18 @@ class ByteCounter:
 
 
 async def write_frame(
-    writer: asyncio.StreamWriter, header: dict, payload: bytes | memoryview = b"", counter: ByteCounter | None = None
+    writer: asyncio.StreamWriter,
+    header: dict,
+    payload: bytes | memoryview | Packed = b"",
+    counter: ByteCounter | None = None,
 ) -> None:
+    """Write one frame; a Packed payload goes as its coding where it has one."""
+    if isinstance(payload, Packed):
+        if payload.coded is not None:
+            header = dict(header, coding=CODING, size=len(payload.raw))
+            payload = payload.coded
+        else:
+            payload = payload.raw
     header = dict(header, nbytes=len(payload))
     packed = msgpack.packb(header, use_bin_type=True)
     writer.write(_LEN.pack(len(packed)) + packed)
@@ -63,6 +77,16 @@ async def read_frame(
     payload = await reader.readexactly(nbytes) if nbytes else b""
     if counter is not None:
         counter.received += _LEN.size + header_len + nbytes
+    if "coding" in header:
+        coding, size = header.pop("coding"), header.pop("size", None)
+        if coding != CODING:
+            raise ProtocolError(f"unknown payload coding {coding!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= max_payload:
+            raise ProtocolError(f"coded payload size {size!r} is invalid or exceeds {max_payload}")
+        try:
+            payload = await unpack(payload, size)
+        except CodingError as e:
+            raise ProtocolError(str(e)) from None
     return header, payload
 
 

@@ -172,8 +172,8 @@ async def test_peer_with_another_codec_is_never_grouped(caplog):
             assert reports[2].status == StepStatus.ALONE
             # Both sides say why: each names the other's codec and its own.
             warnings = [r.getMessage() for r in caplog.records if "incompatible" in r.getMessage()]
-            assert any("it runs protocol 1, codec none/v1" in w and "this peer runs" in w for w in warnings)
-            assert any("it runs protocol 1, codec int8-sqblock/v1" in w for w in warnings)
+            assert any("it runs protocol 2, codec none/v1" in w and "this peer runs" in w for w in warnings)
+            assert any("it runs protocol 2, codec int8-sqblock/v1" in w for w in warnings)
 
 
 @pytest.mark.timeout(120)
