@@ -5,7 +5,8 @@
 
 Arms, all with the same model and θ0 (from the seed), per-worker data (worker i of every arm reads what swarm peer i
 reads: its order comes from the seed and that peer's id), per-worker batch, inner AdamW and inner schedule, and all
-evaluated on the same held-out batches (the embedded corpus's held-out split) every `--inner-steps` steps:
+evaluated on the same held-out batches (the embedded corpus's held-out split) every `--inner-steps` steps (the
+DiLoCo arms after every round, early rounds being shorter: swarm.plan):
 - `one-peer`: one worker training with plain AdamW (a k-th of the swarm's tokens);
 - `data-parallel`: k workers (torch.distributed, gloo) averaging gradients every step: the swarm's tokens, a k-times
   larger global batch; what the swarm would be with free communication;
@@ -163,6 +164,7 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     from swarm.flat import difference, flatten, unflatten
     from swarm.outer import DEFAULT_MOMENTUM_FINAL, MomentumRamp, OuterOptimizer, final_round
     from swarm.overlap import merge, merge_share, to_start_point
+    from swarm.plan import RoundPlan
 
     workers = [_setup(opts, seed, i) for i in range(replicas)]
     evaluator = workers[0][3]
@@ -171,23 +173,27 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
     settings = dict(opts["outer"])
     final = settings.pop("momentum_final", DEFAULT_MOMENTUM_FINAL)
     h = opts["inner_steps"]
-    ramp = MomentumRamp.for_run(settings["momentum"], final, h, opts["warmup_steps"], opts["decay_steps"])
-    last = final_round(h, opts["decay_steps"]) if opts.get("final_mean", True) else None  # as swarm-peer's default
+    # The rounds swarm-peer would train with the same flags (early ones shorter: swarm.plan).
+    plan = RoundPlan.for_run(h, opts["warmup_steps"], opts.get("early_inner_steps"), opts.get("early_steps"))
+    ramp = MomentumRamp.for_run(settings["momentum"], final, h, opts["warmup_steps"], opts["decay_steps"], plan)
+    last = final_round(h, opts["decay_steps"], plan) if opts.get("final_mean", True) else None  # as swarm-peer
     outer = OuterOptimizer([p.detach().clone() for p in models[0]], **settings, ramp=ramp, final_round=last)
     shifts, last_mean, last_deltas, theta = [None] * replicas, None, [None] * replicas, None
     curve, tokens = [], 0
-    for t in range(opts["outer_steps"]):
+    for t in range(plan.round_at(opts["outer_steps"] * h - 1) + 1):
         deltas, weights = [], []
+        length, first = plan.length(t), plan.first_step(t)
         for inner, params, shift in zip(inners, models, shifts):
-            landing = h if shift is None else round(overlap[1] * h)
-            result = inner.run(landing, first_step=t * h)
+            # An early round's loop waits for its round before its first step, as swarm-peer's (peers.runner).
+            landing = length if shift is None else 0 if length < h else round(overlap[1] * length)
+            result = inner.run(landing, first_step=first)
             taken = result.tokens
             if shift is not None:
-                share = merge_share(landing / h) if overlap[2] is None else overlap[2]
+                share = merge_share(landing / length) if overlap[2] is None else overlap[2]
                 for p, q, e in zip(params, unflatten(theta, outer.params), unflatten(shift, outer.params)):
                     merge(p.data, q, e, share)
-                if h > landing:
-                    taken += inner.run(h - landing, first_step=t * h + landing).tokens
+                if length > landing:
+                    taken += inner.run(length - landing, first_step=first + landing).tokens
             tokens += taken
             deltas.append(difference(outer.params, [p.detach() for p in params]))
             weights.append(taken)
@@ -243,6 +249,9 @@ def _schedule_flags(opts: dict) -> list[str]:
     flags = ["--lr", str(opts["lr"]), "--warmup-steps", str(opts["warmup_steps"])]
     if opts["decay_steps"] is not None:
         flags += ["--decay-steps", str(opts["decay_steps"])]
+    for key in ("early_steps", "early_inner_steps"):  # unset: swarm-peer's defaults, as the in-process arms take
+        if opts.get(key) is not None:
+            flags += [f"--{key.replace('_', '-')}", str(opts[key])]
     return flags
 
 
@@ -307,6 +316,12 @@ def _mean_curve(curves: list[list]) -> list:
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Default: 5% of the run.")
 @click.option("--decay-steps", type=click.IntRange(min=1), default=None, help="Default: the run's length.")
 @click.option("--constant-lr", is_flag=True, help="No decay after the warmup: what an open-ended run does.")
+@click.option(
+    "--early-steps", type=click.IntRange(min=0), default=None, help="Inner steps in early rounds: swarm-peer's flag."
+)
+@click.option(
+    "--early-inner-steps", type=click.IntRange(min=1), default=None, help="Early rounds' length: swarm-peer's flag."
+)
 @click.option("--model", default="embedded")
 @click.option("--dataset", default="embedded")
 @click.option("--eval-batches", type=click.IntRange(min=1), default=16)

@@ -138,6 +138,19 @@ network, training, data, observability, checkpoints = (
     help="H: inner AdamW steps per outer step, at most; a peer still training when the others' round waits for it "
     "stops after its current step, and its fewer tokens weigh less.",
 )
+@training(
+    "--early-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Inner steps at the run's start trained in shorter rounds (--early-inner-steps), since replicas drift apart "
+    "fastest there; rounded up to whole rounds. Default: 6 x --warmup-steps (none without a warmup); 0: none.",
+)
+@training(
+    "--early-inner-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Inner steps per round in the early phase (--early-steps). Default: a third of --inner-steps.",
+)
 @training("--batch-size", type=click.IntRange(min=1), default=8, help="Sequences per inner step.")
 @training("--seq-len", type=click.IntRange(min=2), default=128, help="Tokens per sequence.")
 @training("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Inner AdamW learning rate.")
@@ -329,6 +342,18 @@ def _swarm_key(path: str | None) -> bytes | None:
         raise click.BadParameter(str(e), param_hint="'--swarm-key'") from None
 
 
+def _round_plan(flags: dict):
+    from swarm.plan import RoundPlan
+
+    short = flags["early_inner_steps"]
+    if short is not None and short >= flags["inner_steps"] and flags["early_steps"] != 0:
+        raise click.BadParameter(
+            f"early rounds must be shorter than --inner-steps ({flags['inner_steps']}), got {short}",
+            param_hint="'--early-inner-steps'",
+        )
+    return RoundPlan.for_run(flags["inner_steps"], flags["warmup_steps"], short, flags["early_steps"])
+
+
 def build_config(flags: dict):
     """Validate flags that only make sense together; errors name the flag to fix."""
     from peers.evaluate import EvalConfig
@@ -398,8 +423,10 @@ def build_config(flags: dict):
         connect_timeout_seconds=flags["connect_timeout"],
         swarm_key=_swarm_key(flags["swarm_key"]),
     )
+    plan = _round_plan(flags)
     swarm = SwarmConfig(
         run_id=flags["run_id"],
+        round_plan=plan,
         outer_lr=flags["outer_lr"],
         outer_momentum=flags["outer_momentum"],
         outer_momentum_ramp=MomentumRamp.for_run(
@@ -408,8 +435,9 @@ def build_config(flags: dict):
             flags["inner_steps"],
             flags["warmup_steps"],
             flags["decay_steps"],
+            plan,
         ),
-        outer_final_round=final_round(flags["inner_steps"], flags["decay_steps"]) if flags["final_mean"] else None,
+        outer_final_round=final_round(plan.inner_steps, flags["decay_steps"], plan) if flags["final_mean"] else None,
         compression=flags["compression"],
         matchmaking=MatchmakingConfig(
             min_group_size=flags["min_group_size"],

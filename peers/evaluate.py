@@ -13,9 +13,14 @@ class EvalConfig:
     """Held-out text, same forms as --dataset; "embedded" is the embedded corpus's held-out split (every tenth
     pydoc topic, which the embedded training data never contains); None evaluates nothing."""
     every_outer_steps: int = 1
-    """Evaluate θ after every this many outer steps of the run."""
+    """Evaluate θ after every this many outer steps of the run, of H inner steps each: the early phase's shorter
+    rounds (swarm.plan) are evaluated where a round of H would end, so evaluation costs no more there."""
     batches: int = 4
     """Batches of --batch-size x --seq-len tokens per evaluation."""
+
+    def due(self, step: int, inner_steps: int) -> bool:
+        """Whether θ is due an evaluation at the run's inner step `step` (where its last round ended)."""
+        return step > 0 and step % (self.every_outer_steps * inner_steps) == 0
 
 
 EVAL_SEED = 0
@@ -34,9 +39,6 @@ class Evaluator:
         # One lane per row, as before lanes were pooled: the held-out batches stay the ones every figure measured.
         batcher = TokenBatcher(dataset, tokenizer, batch_size, seq_len, seed=EVAL_SEED, lanes=batch_size)
         self.batches = [next(batcher) for _ in range(config.batches)]
-
-    def due(self, outer_step: int) -> bool:
-        return outer_step > 0 and outer_step % self.config.every_outer_steps == 0
 
     @torch.no_grad()
     def loss(self) -> float:

@@ -68,6 +68,14 @@ At a tenth, equal peers on 2 cores cut a loop in four short by 4 to 9 steps, 5.5
 second (benchmarks/quality.py, seeds 0 and 1; README, Training quality)."""
 
 
+def called_slack(steps: int, inner_steps: int) -> int:
+    """Steps a called loop of `steps` still finishes, in a run of H = `inner_steps`: a third of H, at most half of
+    the loop. Equal peers drift apart by time (an evaluation, a busy CPU), not by a share of their loop, so an early
+    round's short loop (swarm.plan) tolerates the steps a full one does, while a peer twice as slow or more is still
+    cut. In rounds of 10 of H = 30, a third of the loop (3 steps) cut 6-13% of the early phase's steps on 2 cores."""
+    return min(int(CALLED_SLACK * inner_steps), steps // 2) if steps < inner_steps else int(CALLED_SLACK * steps)
+
+
 @dataclass
 class InnerResult:
     steps: int
@@ -121,10 +129,12 @@ class InnerLoop:
         may_skip: bool = False,
         before_step: Callable[[], None] | None = None,
         before_update: Callable[[], None] | None = None,
+        slack: int | None = None,
     ) -> InnerResult:
         """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set, and early but complete
         once `enough` is set and at least one step is taken (the round this work feeds waits for it) unless only a
-        few are left (CALLED_SLACK), or none if `may_skip` (the peer brings earlier work to that round).
+        few are left (`slack`, default CALLED_SLACK of `steps`: called_slack), or none if `may_skip` (the peer brings
+        earlier work to that round).
 
         `first_step` is the run's index of the first of these steps: it places them on the learning-rate schedule.
         `on_step(loss, tokens)` gets the step's loss as a device tensor (reading it waits for the device).
@@ -135,7 +145,7 @@ class InnerLoop:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         tokens, started, taken, interrupted = 0, time.perf_counter(), 0, False
-        slack = int(CALLED_SLACK * steps)
+        slack = int(CALLED_SLACK * steps) if slack is None else slack
         for _ in range(steps):
             if stop is not None and stop.is_set():
                 interrupted = True

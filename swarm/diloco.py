@@ -42,6 +42,7 @@ from swarm.local import SoloGroup
 from swarm.matchmaking import Group, Matchmaker, MatchmakingConfig
 from swarm.node import SwarmNode
 from swarm.outer import DEFAULT_LR, DEFAULT_MOMENTUM, MomentumRamp, OuterOptimizer
+from swarm.plan import RoundPlan
 from swarm.report import OuterStepReport
 from swarm.sequence import OuterSequence, SequenceMethods
 from swarm.state import RunState, StateServer, StateView, download_state, majority_hash
@@ -65,6 +66,10 @@ class SwarmConfig:
     extrapolation (OuterOptimizer.lands_on_mean): swarm-peer sets the round that ends the inner decay, so a run
     that knows its length ends on the mean of its members' models. Shared by the group like the other outer
     settings; None: never."""
+    round_plan: RoundPlan | None = None
+    """How many inner steps each round trains (swarm.plan): round t must mean the same inner steps to every member,
+    so an early phase of shorter rounds is shared by the group like the outer settings. None: the runner's H for
+    every round."""
     compression: str = "int8"
     """Wire codec of pseudo-gradients: int8 or int4 (blockwise), fp16 or none."""
     matchmaking: MatchmakingConfig = field(default_factory=MatchmakingConfig)
@@ -106,6 +111,8 @@ class SwarmConfig:
         about = f"outer lr {self.outer_lr:g} momentum {self.outer_momentum:g}"
         if self.outer_momentum_ramp is not None:
             about = f"{about} {self.outer_momentum_ramp.describe()}"
+        if self.round_plan is not None and self.round_plan.describe():
+            about = f"{about}, {self.round_plan.describe()}"
         return about if self.outer_final_round is None else f"{about}, the mean from round {self.outer_final_round}"
 
     @property

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from swarm.plan import RoundPlan
+
 DEFAULT_LR = 0.7
 DEFAULT_MOMENTUM = 0.5
 """0.7 and 0.5, an effective step lr / (1 - momentum) of 1.4, won benchmarks/quality.py for one peer and for groups of
@@ -32,6 +34,8 @@ class MomentumRamp:
     final: float
     start: float
     end: float
+    plan: RoundPlan | None = None
+    """Where each round lies (RoundPlan.position); None: round t at t + 0.5."""
 
     def __post_init__(self) -> None:
         if not 0 < self.final < 1:
@@ -41,7 +45,13 @@ class MomentumRamp:
 
     @classmethod
     def for_run(
-        cls, initial: float, final: float, inner_steps: int, warmup_steps: int, decay_steps: int | None
+        cls,
+        initial: float,
+        final: float,
+        inner_steps: int,
+        warmup_steps: int,
+        decay_steps: int | None,
+        plan: RoundPlan | None = None,
     ) -> MomentumRamp | None:
         """The ramp of a run whose inner rate warms up for `warmup_steps` and decays (cosine) until `decay_steps`,
         with `inner_steps` per outer step (see peers.inner.InnerConfig.lr_at), from momentum `initial` to `final`.
@@ -50,12 +60,14 @@ class MomentumRamp:
         if decay_steps is None or not 0 < initial < final:
             return None
         end = max(decay_steps, warmup_steps + 1)
-        return cls(final, warmup_steps / inner_steps, end / inner_steps)
+        plan = plan if plan is not None and plan.early_steps else None
+        return cls(final, warmup_steps / inner_steps, end / inner_steps, plan)
 
     def at(self, step: int, initial: float) -> float:
         """The momentum of round `step`: `initial` until the decay starts, `final` once it is over, and in between
         the share of the way the cosine decay has come."""
-        progress = min(1.0, max(0.0, (step + 0.5 - self.start) / (self.end - self.start)))
+        where = step + 0.5 if self.plan is None else self.plan.position(step)
+        progress = min(1.0, max(0.0, (where - self.start) / (self.end - self.start)))
         return initial + (self.final - initial) * (1 - math.cos(math.pi * progress)) / 2
 
     def describe(self) -> str:
@@ -63,10 +75,12 @@ class MomentumRamp:
         return f"rising to {self.final!r} over outer steps {self.start!r}-{self.end!r}"
 
 
-def final_round(inner_steps: int, decay_steps: int | None) -> int | None:
+def final_round(inner_steps: int, decay_steps: int | None, plan: RoundPlan | None = None) -> int | None:
     """The run's outer step whose inner loop ends the decay (its last inner step, or a later one: the first round
-    that reaches it), or None for an open-ended run."""
-    return None if decay_steps is None else max(0, math.ceil(decay_steps / inner_steps) - 1)
+    that reaches it), or None for an open-ended run. `plan`: the run's round lengths, if not all H."""
+    if decay_steps is None:
+        return None
+    return (plan or RoundPlan(inner_steps)).round_at(max(0, decay_steps - 1))
 
 
 class OuterOptimizer:

@@ -79,7 +79,7 @@ def test_outer_momentum_flag_takes_zero_and_refuses_one():
 @pytest.mark.timeout(30)
 def test_the_outer_momentum_rises_as_the_inner_rate_decays():
     """A run that knows its length ramps the momentum along its inner decay; an open-ended one keeps it."""
-    flags = ("--inner-steps", "30", "--warmup-steps", "45", "--decay-steps", "900")
+    flags = ("--inner-steps", "30", "--warmup-steps", "45", "--decay-steps", "900", "--early-steps", "0")  # test_plan
     swarm = peer_config(*flags).swarm
     assert swarm.outer_momentum_ramp == MomentumRamp(final=0.8, start=1.5, end=30.0)
     assert "momentum 0.5 rising to 0.8 over outer steps 1.5-30.0" in swarm.outer_description  # part of the schema
@@ -161,7 +161,7 @@ def test_the_round_that_ends_the_decay_lands_on_the_groups_mean():
 
 @pytest.mark.timeout(30)
 def test_a_run_that_knows_its_length_ends_on_the_mean_and_an_open_ended_one_never_does():
-    flags = ("--inner-steps", "30", "--warmup-steps", "45", "--decay-steps", "900")
+    flags = ("--inner-steps", "30", "--warmup-steps", "45", "--decay-steps", "900", "--early-steps", "0")  # test_plan
     swarm = peer_config(*flags).swarm
     assert swarm.outer_final_round == 29  # rounds 0-29: the last inner step of round 29 is the decay's 900th
     assert swarm.outer_description.endswith(", the mean from round 29")  # part of the schema
@@ -178,7 +178,7 @@ def test_diloco_with_one_replica_reproduces_adamw(tmp_path):
     quality = load_benchmark()
     opts = {
         "model": "embedded", "dataset": "embedded", "batch_size": 2, "seq_len": 32, "lr": 1e-3,
-        "warmup_steps": 2, "decay_steps": 8, "eval_batches": 1, "outer_steps": 2, "inner_steps": 4,
+        "warmup_steps": 2, "decay_steps": 8, "eval_batches": 1, "outer_steps": 2, "inner_steps": 4, "early_steps": 0,
         "worker_ids": [b"worker 0", b"worker 1"],  # what the benchmark reads from the swarm peers' identity files
     }  # fmt: skip
     adamw = quality.run_data_parallel(opts, seed=3, world=1, workdir=str(tmp_path))
