@@ -143,7 +143,7 @@ network, training, data, observability, checkpoints = (
     type=click.IntRange(min=0),
     default=None,
     help="Inner steps at the run's start trained in shorter rounds (--early-inner-steps), since replicas drift apart "
-    "fastest there; rounded up to whole rounds. Default: 6 x --warmup-steps (none without a warmup); 0: none.",
+    "fastest there; rounded up to whole outer steps. Default: 6 x --warmup-steps (none without a warmup); 0: none.",
 )
 @training(
     "--early-inner-steps",
