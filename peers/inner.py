@@ -73,7 +73,7 @@ def called_slack(steps: int, inner_steps: int) -> int:
     the loop. Equal peers drift apart by time (an evaluation, a busy CPU), not by a share of their loop, so an early
     round's short loop (swarm.plan) tolerates the steps a full one does, while a peer twice as slow or more is still
     cut. In rounds of 10 of H = 30, a third of the loop (3 steps) cut 6-13% of the early phase's steps on 2 cores."""
-    return min(int(CALLED_SLACK * inner_steps), steps // 2) if steps < inner_steps else int(CALLED_SLACK * steps)
+    return min(int(CALLED_SLACK * inner_steps), steps // 2)
 
 
 @dataclass

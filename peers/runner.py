@@ -403,8 +403,9 @@ class Peer:
         called = self._called_flag() if self._planned_steps > self._loop_length else None
         flags = (self._stop_flag(), on_step, first_step, called, self.swarm.carries_work)
         slack = called_slack(self._loop_length, self.plan.inner_steps)
-        run = self.inner.run
-        result = run(self._loop_length, *flags, before_step=self._before_step, before_update=wait, slack=slack)
+        result = self.inner.run(
+            self._loop_length, *flags, before_step=self._before_step, before_update=wait, slack=slack
+        )
         memory.trim()  # the gradients are freed: let the outer step have their memory
         # Waiting for the round is not compute: the record counts it as waiting for the swarm.
         return replace(result, seconds=result.seconds - self._lag_waited)
