@@ -19,7 +19,9 @@ DiLoCo arms after every round, early rounds being shorter: swarm.plan):
   loop (a fraction; 1: only when it ends), when the replica's model merges onto θ (`--overlap-share`); against
   `diloco-ideal`, the quality an overlapped swarm gives up for a round that takes that long;
 - `swarm`: k real `swarm-peer` processes and a bootstrap node on 127.0.0.1, grouped as k every outer step, each
-  evaluating the global θ after every outer step (`eval_loss` in its metrics);
+  evaluating the global θ after every outer step (`eval_loss` in its metrics); with `--rate` (root), each peer in a
+  network namespace of its own behind a capped link (benchmarks/links.py, as benchmarks/wan.py), so that rounds
+  take longer and, overlapped, land later in the next inner loop;
 - with `--compression-check`, `swarm-none`: the same with `--compression none`.
 
 Prints held-out loss against tokens (mean over seeds), the final loss per arm (mean and spread over seeds), the gap
@@ -43,6 +45,8 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from links import Links, Loopback  # noqa: E402  (beside this script)
 
 from peers.launch import read_metrics, run_to_end  # noqa: E402
 
@@ -278,7 +282,11 @@ def run_swarm(opts: dict, seed: int, workdir: str, name: str, extra: list[str]) 
             "--metrics-file", os.path.join(rundir, f"peer{i}.jsonl"),
             *_schedule_flags(opts), *outer, *extra,
         ])  # fmt: skip
-    run_to_end(rundir, peer_args, timeout=3 * 3600)
+    # Node 0 is the bootstrap node (uncapped: it only introduces), nodes 1..k the peers.
+    rate = opts.get("rate", "none")
+    links = Loopback() if rate == "none" else Links(k + 1, [None] + [rate] * k, opts.get("delay_ms", 0.0))
+    with links:
+        run_to_end(rundir, peer_args, timeout=3 * 3600, place=links.place)
     records = [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(k)]
     by_step: dict[int, list] = {}
     # A peer that resynced skipped steps and so runs past the others: the curve ends where every peer has been.
@@ -349,6 +357,18 @@ def _mean_curve(curves: list[list]) -> list:
     help="Where the swarm peers' identity files live (made on first use). A peer's data order comes from its id and "
     "the seed, so runs that share them see the same data: their differences are the settings', not the data's.",
 )
+@click.option(
+    "--rate",
+    default="none",
+    help="The swarm arms: each peer's link capped at this, both ways (tc syntax), in a network namespace of its own, "
+    "as benchmarks/wan.py's (needs root); none: 127.0.0.1, uncapped. Slow links make overlapped rounds land late.",
+)
+@click.option(
+    "--delay-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="With --rate: latency added to every packet each node sends (a user-space delay line): round trip 2x this.",
+)
 @click.option("--compression-check", is_flag=True, help="Also run the swarm with --compression none.")
 @click.option("--overlap-guess", type=click.Choice(GUESSES), default="own", help="diloco-overlap: the start guess.")
 @click.option(
@@ -364,6 +384,10 @@ def _mean_curve(curves: list[list]) -> list:
     help="diloco-overlap: c of the merge onto θ when the round lands (1: shift all the way; default: swarm-peer's).",
 )
 def main(**opts) -> None:
+    if opts["rate"] != "none" and os.geteuid() != 0:
+        raise click.UsageError("--rate needs root: network namespaces, veth pairs and tc")
+    if opts["rate"] == "none" and opts["delay_ms"] > 0:
+        raise click.UsageError("--delay-ms needs the namespaces: give a --rate")
     total = opts["outer_steps"] * opts["inner_steps"]
     opts["warmup_steps"] = round(0.05 * total) if opts["warmup_steps"] is None else opts["warmup_steps"]
     if opts.pop("constant_lr"):

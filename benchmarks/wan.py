@@ -7,15 +7,9 @@ with tbf. Compute utilization, tokens/s and loss per peer, blocking against over
         [--max-lag 1]
 
 Needs root (network namespaces, veth pairs, tc), except with `--rate none` (every node on 127.0.0.1, uncapped).
-The topology: a hub namespace holding a bridge, and each node (the bootstrap node and every peer) in a namespace of
-its own, joined to the bridge by a veth pair; addresses in 10.198.0.0/24, a private range (in the benchmarking range
-198.18.0.0/15 the peers never reached each other: every connection failed with "routing: not found", the addresses
-presumably filtered out as unroutable). Each peer's link is capped both ways (tbf on its own end for what it sends,
-on the hub's end for what it receives; mtu 1500, burst 1mb, limit 8mb, which give textbook transfer times here), so a
-peer's cap limits that peer alone. Nothing leaves the namespaces this script makes, and it deletes them when done.
-netem is not available here: `--delay-ms D` adds latency with a user-space delay line in every node's namespace
-(benchmarks/delayline.py), which holds each packet the node sends for D ms before its capped link, so the round
-trip between any two nodes is 2D.
+Each node (the bootstrap node and every peer) sits in a network namespace of its own behind a link capped both ways,
+so a peer's cap limits that peer alone (benchmarks/links.py); `--delay-ms D` adds D ms to every packet a node sends
+(a user-space delay line: netem is not available here), so the round trip between any two nodes is 2D.
 
 The uneven swarm: the last `--slow` peers run `--slow-factor` times the batch, so each of their inner steps takes
 that much longer. Per peer, over the steady outer steps (the first two and the last are left out: start-up, and
@@ -33,11 +27,9 @@ per worker).
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,99 +38,12 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import delayline  # noqa: E402  (beside this script)
+from links import Links, Loopback  # noqa: E402  (beside this script)
 
 from peers.launch import read_metrics, run_to_end  # noqa: E402
 from peers.metrics import groups_agree, peer_figures  # noqa: E402
 
 ARMS = ("blocking-equal", "overlap-equal", "blocking-uneven", "overlap-uneven")
-PREFIX = "swan"  # namespace and interface names: swan-hub, swan-n0, ...; veths swan-v0, ...
-SUBNET = "10.198.0"  # private: libp2p keeps these addresses (not 198.18.0.0/15)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-class Links:
-    """A bridge in a hub namespace and one namespace per node, each behind a veth link capped both ways."""
-
-    def __init__(self, nodes: int, rates: list[str | None], delay_ms: float = 0.0):
-        self.nodes, self.rates, self.delay_ms = nodes, rates, delay_ms
-        self.delay_lines: list = []
-
-    def namespace(self, i: int) -> str:
-        return f"{PREFIX}-n{i}"
-
-    def address(self, i: int) -> str:
-        return f"{SUBNET}.{10 + i}"
-
-    def __enter__(self) -> Links:
-        self._delete()  # leftovers of an interrupted run
-        try:
-            self._create()
-        except BaseException:
-            self.__exit__()  # a half-made topology goes too, delay lines included
-            raise
-        return self
-
-    def _create(self) -> None:
-        hub = f"{PREFIX}-hub"
-        _ip("netns", "add", hub)
-        _ip("-n", hub, "link", "set", "lo", "up")
-        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
-        _ip("-n", hub, "link", "set", "br0", "up")
-        for i in range(self.nodes):
-            ns, veth = self.namespace(i), f"{PREFIX}-v{i}"
-            _ip("netns", "add", ns)
-            _ip("link", "add", veth, "mtu", "1500", "type", "veth", "peer", "name", "eth0", "mtu", "1500", "netns", ns)
-            _ip("link", "set", veth, "netns", hub)
-            _ip("-n", hub, "link", "set", veth, "master", "br0")
-            _ip("-n", hub, "link", "set", veth, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            if self.rates[i] is not None:
-                for where, dev in ((ns, "eth0"), (hub, veth)):
-                    tbf = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rates[i]]
-                    _ip("netns", "exec", where, *tbf, "burst", "1mb", "limit", "8mb")
-            if self.delay_ms > 0:
-                line = delayline.install(ns, self.address(i), f"{SUBNET}.0/24", self.delay_ms)
-                self.delay_lines.append(line)
-
-    def __exit__(self, *exc) -> None:
-        self._delete()  # it ends the delay lines too: they run in our namespaces
-        for line in self.delay_lines:
-            line.wait()
-
-    def _delete(self) -> None:
-        names = [f"{PREFIX}-hub", *(self.namespace(i) for i in range(self.nodes))]
-        for ns in names:
-            # Whatever still runs in our namespaces is ours: end it before the namespace goes.
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-    def prefix(self, i: int) -> tuple[str, ...]:
-        return ("ip", "netns", "exec", self.namespace(i))
-
-
-class Loopback:
-    """`--rate none`: every node on 127.0.0.1, no namespaces, no cap (no root needed)."""
-
-    def __enter__(self) -> Loopback:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def address(self, i: int) -> str:
-        return "127.0.0.1"
-
-    def prefix(self, i: int) -> tuple[str, ...]:
-        return ()
 
 
 def run_arm(opts: dict, arm: str, workdir: str) -> list[list[dict]]:
@@ -162,7 +67,7 @@ def run_arm(opts: dict, arm: str, workdir: str) -> list[list[dict]]:
             *opts["peer_args"],
         ])  # fmt: skip
     with links:
-        run_to_end(rundir, args, opts["timeout"], place=lambda i: (f"/ip4/{links.address(i)}/tcp/0", links.prefix(i)))
+        run_to_end(rundir, args, opts["timeout"], place=links.place)
     return [read_metrics(os.path.join(rundir, f"peer{i}.jsonl")) for i in range(k)]
 
 
