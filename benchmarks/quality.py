@@ -194,8 +194,8 @@ def run_diloco(opts: dict, seed: int, replicas: int = 1, overlap: tuple[str, flo
             taken = result.tokens
             if shift is not None:
                 share = merge_share(landing / length) if overlap[2] is None else overlap[2]
-                for p, q, e in zip(params, unflatten(theta, outer.params), unflatten(shift, outer.params)):
-                    merge(p.data, q, e, share)
+                for p, e in zip(params, unflatten(shift, outer.params)):
+                    merge(p.data, e, share)
                 if length > landing:
                     taken += inner.run(length - landing, first_step=first + landing).tokens
             tokens += taken

@@ -294,8 +294,8 @@ class OuterSequence:
                 ended = given[i].reshape(seg.shape)
                 if work.state == "landed" and work.shifted:
                     seg.copy_(ended)
-                elif work.state == "landed":  # θ − the merge of where it ended (see _merge_share): c·ended + (1 − 2c)·s
-                    seg.mul_(1.0 - 2.0 * share).add_(ended, alpha=share)
+                elif work.state == "landed":  # θ − (where it ended + c·s): the merge as at the loop's end
+                    seg.mul_(-share).add_(ended)
                 elif work.alone is None:
                     seg.add_(ended)
                 else:
@@ -306,7 +306,7 @@ class OuterSequence:
                 if work.shifted:
                     seg.copy_(theta).sub_(x)
                 else:
-                    seg.mul_(1.0 - 2.0 * share).add_(theta, alpha=share).sub_(x, alpha=share)
+                    seg.mul_(-share).add_(theta).sub_(x)
             else:  # carried: where the loop started, plus the carried pseudo-gradient, minus where it ended
                 seg.add_(self._start_of(work, i, seg)).sub_(x)
         return work.vector, True, tokens + work.tokens_carried
@@ -353,10 +353,8 @@ class OuterSequence:
         if not self.shift_ready.is_set() or work is None or work.state != "landed" or work.shifted:
             return False
         share = self._merge_share(work, done)
-        for x, p, seg in zip(local, self.swarm.params, unflatten(work.vector, self.swarm.params), strict=True):
-            like = {"device": x.device, "dtype": x.dtype}
-            theta = None if share == 1.0 else p.reshape(x.shape).to(**like)
-            merge(x, theta, seg.reshape(x.shape).to(**like), share)
+        for x, seg in zip(local, unflatten(work.vector, self.swarm.params), strict=True):
+            merge(x, seg.reshape(x.shape).to(device=x.device, dtype=x.dtype), share)
         work.shifted = True
         return True
 

@@ -264,8 +264,8 @@ def test_honest_averages_pass_and_gross_lies_are_caught(compression):
 
 
 def overlapped_deltas(numel: int, seed: int, short: float) -> list[torch.Tensor]:
-    """Three members' Δ's in an overlapped round (swarm.overlap, merge share 1/2): half their inner loop's update,
-    plus half their guess's error, the errors cancelling over the previous round's weights. The last member's loop was
+    """Three members' Δ's in an overlapped round (swarm.overlap, merge share 1/2): their inner loop's update, plus
+    half their guess's error, the errors cancelling over the previous round's weights. The last member's loop was
     cut short (`short` of the others' update): its Δ is mostly its guess's error."""
     g = torch.Generator().manual_seed(seed)
     signal = torch.randn(numel, generator=g)
@@ -273,7 +273,7 @@ def overlapped_deltas(numel: int, seed: int, short: float) -> list[torch.Tensor]
     previous = [0.05 * (signal + torch.randn(numel, generator=g)) for _ in range(3)]
     mean = sum(previous) / 3
     errors = [mean - d for d in previous]
-    return [0.5 * u * (short if k == 2 else 1.0) + 0.5 * e for k, (u, e) in enumerate(zip(trained, errors))]
+    return [u * (short if k == 2 else 1.0) + 0.5 * e for k, (u, e) in enumerate(zip(trained, errors))]
 
 
 @pytest.mark.timeout(120)

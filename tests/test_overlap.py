@@ -27,7 +27,7 @@ class EagerReference:
     """The overlapped rule by hand. θ takes DiLoCo's update (torch.optim.SGD, Nesterov) with every round's
     token-weighted mean. A peer's next inner loop starts from its guess g of θ after the round in flight: the outer
     step with its own Δ as the mean; once the round lands, with a share `done` of the loop trained, its model x
-    becomes c·(x + θ − g) + (1 − c)·g, c = max(1/2, 1 − done)."""
+    becomes x + c·(θ − g), c = max(1/2, 1 − done)."""
 
     def __init__(self, theta):
         self.params = [torch.nn.Parameter(t.clone()) for t in theta]
@@ -43,7 +43,7 @@ class EagerReference:
 
     def merged(self, x, guess, done: float) -> list[torch.Tensor]:
         c = max(0.5, 1 - done)
-        return [c * (a + t - g) + (1 - c) * g for a, t, g in zip(x, self.theta, guess, strict=True)]
+        return [a + c * (t - g) for a, t, g in zip(x, self.theta, guess, strict=True)]
 
     def round(self, deltas, tokens) -> None:
         total = sum(tokens)
