@@ -375,9 +375,9 @@ class OuterSequence:
 
     @staticmethod
     def _merge_share(work: _Work, done: float) -> float:
-        """c of the merge onto θ (swarm.overlap): 1 after a round that applied our own Δ alone, where the guess's
-        error is not noise that the loop has undone but the outer step's extrapolation of our own Δ (none at all
-        when we guessed that we would be alone), and the shift carries what we trained over whole."""
+        """c of the merge onto θ (swarm.overlap), the share of the guess's error the model takes: all of it after a
+        round that applied our own Δ alone, where that error is not noise that the loop has undone but the outer
+        step's extrapolation of our own Δ (none at all when we guessed that we would be alone)."""
         return 1.0 if work.landed_alone else merge_share(done)
 
     async def _expect_alone(self) -> bool:
