@@ -133,8 +133,8 @@ class InnerLoop:
     ) -> InnerResult:
         """Take up to `steps` optimizer steps; returns early (interrupted) if `stop` is set, and early but complete
         once `enough` is set and at least one step is taken (the round this work feeds waits for it) unless only a
-        few are left (`slack`, default CALLED_SLACK of `steps`: called_slack), or none if `may_skip` (the peer brings
-        earlier work to that round).
+        few are left (`slack`; by default those of a loop of H = `steps`: called_slack), or none if `may_skip` (the
+        peer brings earlier work to that round).
 
         `first_step` is the run's index of the first of these steps: it places them on the learning-rate schedule.
         `on_step(loss, tokens)` gets the step's loss as a device tensor (reading it waits for the device).
@@ -145,7 +145,7 @@ class InnerLoop:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         tokens, started, taken, interrupted = 0, time.perf_counter(), 0, False
-        slack = int(CALLED_SLACK * steps) if slack is None else slack
+        slack = called_slack(steps, steps) if slack is None else slack
         for _ in range(steps):
             if stop is not None and stop.is_set():
                 interrupted = True
