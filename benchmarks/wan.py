@@ -114,8 +114,7 @@ def numel_of(model: str, seed: int = 0) -> int:
     "--max-lag",
     type=click.FloatRange(0, 1),
     default=1.0,
-    help="The overlapped arms' --overlap-max-lag (1: the round may take a whole inner loop, as the arms measure; "
-    "swarm-peer's default is 0.1).",
+    help="The overlapped arms' --overlap-max-lag (1, swarm-peer's default: the round may take a whole inner loop).",
 )
 @click.option("--arms", default=",".join(ARMS), help=f"Comma-separated subset of {', '.join(ARMS)}.")
 @click.option("--peer-args", default="", help="More swarm-peer flags for every peer.")

@@ -67,7 +67,7 @@ class PeerConfig:
     outer optimizer stay fp32 on the host."""
     workers: int = 1
     """Local workers the model is sharded over (FSDP); 1 trains the whole model in this process."""
-    overlap_max_lag: float = 0.1
+    overlap_max_lag: float = 1.0
     """Overlapped (swarm.overlap): the share of an inner loop after which the loop waits for the round in flight if
     it has not landed yet. The later a round lands, the longer the loop trains from a guess of θ, and the more
     quality it costs (README, Overlap); 1: the loop never waits (the hand-over at its end does)."""

@@ -265,6 +265,7 @@ class Averager:
         weight: float,
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        judged: torch.Tensor | None = None,
     ) -> AllReduceResult:
         """Weighted mean of `flat` across `group`, identical on every member. Raises AllReduceError.
 
@@ -278,6 +279,10 @@ class Averager:
         The average is written into `out` when given (same size as `flat`, not `flat` itself), else into a new
         tensor. A caller that averages every outer step saves the page faults of a fresh vector by passing the same
         buffer each time, as gloo's in-place all-reduce does.
+
+        `judged` (same size as `flat`): what the averaged parts are judged against (swarm.audit), if not `flat`
+        itself. Overlapped, `flat` less the share of our guess's error that it carries, which the others'
+        contributions cancel by construction (swarm.sequence).
         """
         if group.size < 2:
             raise ValueError("an all-reduce needs at least two members")
@@ -290,6 +295,9 @@ class Averager:
             raise ValueError("out must be a contiguous float32 CPU tensor of the contribution's size")
         if out is not None and out.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
             raise ValueError("out must not share memory with the contribution: parts of it are still being sent")
+        own = flat if judged is None else judged.detach().to(torch.float32).reshape(-1).contiguous()
+        if own.numel() != flat.numel():
+            raise ValueError("judged must be of the contribution's size")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_seconds
@@ -306,18 +314,19 @@ class Averager:
             for i, (a, b) in enumerate(bounds):
                 if i != group.my_index:
                     part_residual = None if residual is None else residual[a:b]
-                    task = asyncio.create_task(self._exchange(group, i, rnd, flat[a:b], float(weight), part_residual))
+                    exchange = self._exchange(group, i, rnd, flat[a:b], float(weight), part_residual, own[a:b])
+                    task = asyncio.create_task(exchange)
                     tasks[task] = i
-            own = await _maybe_in_thread(
+            exact = await _maybe_in_thread(
                 self._own_contribution, flat[lo:hi], None if residual is None else residual[lo:hi]
             )
-            rnd.add(group.my_index, float(weight), own)
+            rnd.add(group.my_index, float(weight), exact)
             rnd.reducer = asyncio.create_task(self._reduce(rnd))
-            tasks[asyncio.create_task(self._own_result(rnd, flat[lo:hi]))] = group.my_index
+            tasks[asyncio.create_task(self._own_result(rnd, own[lo:hi]))] = group.my_index
             lost, errors = await self._settle(rnd, tasks, deadline)
             # Every averaged part a reducer sent us is judged against our own contribution to it (swarm.audit): one
             # that cannot be an average fails the round for us, and its reducer is caught, so the retry leaves it out.
-            judge, liars = await _maybe_in_thread(self._audit, rnd, flat, float(weight))
+            judge, liars = await _maybe_in_thread(self._audit, rnd, own, float(weight))
             for i, reason in liars.items():
                 del rnd.payloads[i], rnd.values[i]  # not passed on to a member that asks us for it
                 self._catch(group.peer_ids[i], f"its averaged part {i} cannot be an average of the group's: {reason}")
@@ -458,8 +467,9 @@ class Averager:
             logger.info(f"got {got} averaged parts of group {group.group_id.hex()} from other members")
         return got
 
-    def _audit(self, rnd: _Round, flat: torch.Tensor, weight: float):
+    def _audit(self, rnd: _Round, own: torch.Tensor, weight: float):
         """(a judge of this round's averaged parts, the parts we hold that cannot be averages, with the reason).
+        `own`: our contribution as it is judged (all_reduce's `judged`, or the contribution itself).
 
         Our own averaged part is the reference (swarm.audit); without it, or without robust averaging, nothing is
         judged and the judge is None. Three dot products per part, most of them taken as the parts were decoded."""
@@ -467,13 +477,13 @@ class Averager:
         if not self.robust or me not in rnd.values:
             return None, {}
         lo, hi = rnd.bounds[me]
-        reference = rnd.figures.get(me) or audit.figures(rnd.values[me], flat[lo:hi])
+        reference = rnd.figures.get(me) or audit.figures(rnd.values[me], own[lo:hi])
         share = audit.our_share(weight, [w for w in rnd.weights.values() if w > 0], rnd.group.size)
 
         def judge(i: int, values: torch.Tensor, found: audit.Figures | None = None) -> str | None:
             if found is None:
                 a, b = rnd.bounds[i]
-                found = audit.figures(values, flat[a:b])
+                found = audit.figures(values, own[a:b])
             return None if found is None else audit.judge(found, reference, share)
 
         verdicts = {i: judge(i, values, rnd.figures.get(i)) for i, values in list(rnd.values.items()) if i != me}
@@ -497,7 +507,8 @@ class Averager:
 
     async def _decode_part(self, rnd: _Round, index: int, payload, own: torch.Tensor) -> torch.Tensor:
         """Decode averaged part `index` into its place in the output; robust, also take its audit figures against
-        `own`, our contribution to it (swarm.audit), while decoding. CodecError if it does not decode."""
+        `own`, our contribution to it as it is judged (swarm.audit), while decoding. CodecError if it does not
+        decode."""
         lo, hi = rnd.bounds[index]
         if not self.robust:
             return await _maybe_in_thread(self.codec.decode_into, payload, rnd.output[lo:hi])
@@ -506,9 +517,17 @@ class Averager:
         return values
 
     async def _exchange(
-        self, group: Group, index: int, rnd: _Round, part: torch.Tensor, weight: float, residual: torch.Tensor | None
+        self,
+        group: Group,
+        index: int,
+        rnd: _Round,
+        part: torch.Tensor,
+        weight: float,
+        residual: torch.Tensor | None,
+        judged: torch.Tensor,
     ) -> None:
-        """Send our contribution to member `index` and receive the averaged part it reduced."""
+        """Send our contribution `part` to member `index` and receive the averaged part it reduced, judged against
+        `judged` (`part` itself, or what all_reduce was given to judge by)."""
         peer: PeerID = group.peer_ids[index]
         payload = await _maybe_in_thread(self.codec.encode, part)
         if residual is not None:
@@ -545,7 +564,7 @@ class Averager:
                 # The member is alive but its reduction failed (e.g. it lost someone else): not a suspect.
                 raise AllReduceError(f"member {index} ({peer}) could not reduce its part: {reply.get('reason')}")
             try:
-                values = await self._decode_part(rnd, index, averaged, part)
+                values = await self._decode_part(rnd, index, averaged, judged)
             except CodecError as e:
                 raise self._garbage(index, peer, f"an averaged part we cannot decode ({e})") from e
             if not self.codec.decodes_finite and not all_finite(values):

@@ -28,17 +28,25 @@ What it catches, on the same real Δ's (int8, every honest member's verdict): ra
 the average x100, negated, or zero, by every member; the average x3 by none of 15 (4 members) and 2 of 30 (7); the
 previous step's average of the same part by 3 of 15 and 0 of 30; another group's average of the same step by none.
 
-Contributions that cancel ours. Overlapped (swarm.overlap), a member's Δ carries a share of its guess's error, and the
-members' errors cancel over the previous round's weights by construction. A member whose inner loop was cut short (a
-slow peer awaited after a few inner steps) sends a Δ that is mostly that error, which the others' pull against: the
-honest average then leans away from it, measured -0.22 (int8, a share of 0.13, parts 11x as long as its Δ) where the
-floor above asked for -0.07, and the slow peer banned its honest partners. Our own part, averaged by us, shows how
-strongly the others pull against us: beyond chance, the lean floor drops by that pull (a cosine) times the others'
-length over ours in the part (at most its ratio plus our share), times ALIGNMENT_FACTOR. Then a negated or zeroed
-average passes where the others cancel us (nothing can tell it from an honest one there); the ratio bound still holds,
-and members whose contributions the others do not cancel still catch it. A liar can use this: a contribution against
-ours to the part we reduce lowers our floor for the part it reduces, and it sees the others' contributions to its own
-part only, not to ours, so it must guess at ours (a negated copy of its own Δ is a fair guess in DiLoCo).
+Contributions that cancel ours. Overlapped (swarm.overlap), a member's Δ carries (1 − c)·s, the share of its guess's
+error that the merge onto θ left in it, and the members' errors cancel one another by construction. A member whose
+inner loop was cut short (a slow peer awaited after a few inner steps) sends a Δ that is mostly that error, which the
+others' pull against: judged against its Δ, the honest average leans away from it. Measured: -0.22 (int8, a share of
+0.13, parts 11x as long as its Δ) where the floor below asked for -0.07, and the slow peer banned its honest partners;
+in CI, two sharded peers, the one cut after 1 of 4 steps: -0.07 against a floor of 0.039. So an overlapped member
+judges by its Δ less that error share (swarm.sequence._judged, Averager.all_reduce's `judged`): the update its loop
+trained, which the others' Δ's share with ours as a blocking round's do. On the synthetic rounds of
+tests/test_lying_reducer.py (`python benchmarks/audit_overlapped.py`: groups of 2 to 4 with members a whole loop, half
+of one or a few steps done, loops that undid none or 30% of their errors, errors up to 6x larger in one half of the
+model than the other), honest verdicts that failed went from 66 to 6 of 312, lies caught from 594 to 674 of 936.
+What is left comes from a loop's own correction: the steps from a guess undo part of its error, so its update carries
+a little of it, which the others' errors pull against. For that, our own part, averaged by us, shows how strongly
+the others pull against us: beyond chance, the lean floor drops by that pull (a cosine) times the others' length over
+ours in the part (at most its ratio plus our share), times ALIGNMENT_FACTOR. Then a negated or zeroed average passes
+where the others cancel us (nothing can tell it from an honest one there); the ratio bound still holds, and members
+whose contributions the others do not cancel still catch it. A liar can use this: a contribution against ours to the
+part we reduce lowers our floor for the part it reduces, and it sees the others' contributions to its own part only,
+not to ours, so it must guess at ours (a negated copy of its own Δ is a fair guess in DiLoCo).
 
 What a crafted lie can still do (the reducer holds every x_k,i of its part, so it can aim): any average within the
 bounds of every honest member passes. Found by bisection on those Δ's: the honest average plus a vector orthogonal to

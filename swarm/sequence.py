@@ -79,6 +79,8 @@ class _Work:
     """The run's outer step of the round the guess foresaw: its outer settings (a momentum ramp) rebuild the start
     point later, after a failed round has moved the step on."""
     shifted: bool = False
+    taken: float = 1.0
+    """Once `shifted` mid-loop: the share of the shift the inner loop took (swarm.overlap.merge_share)."""
     landed_alone: bool = False
     """The round applied our own Δ (nobody to average with): θ is our own inner result, which the guess foresaw."""
 
@@ -103,6 +105,7 @@ class OuterSequence:
         """Set while no round is in flight: it landed, failed or was cut off (an inner loop that may not run further
         ahead of its round waits for this; then `shift_ready` says whether there is a shift to take)."""
         self.round_over.set()
+        self._error: torch.Tensor | None = None  # the guess's error left in our Δ (_contribution), reused each round
 
     # ---- agreeing on state ----------------------------------------------------------------------------------------
 
@@ -208,7 +211,7 @@ class OuterSequence:
         step = swarm.global_step
         started = time.perf_counter()
         # A model-size pass or two: in a thread, while the event loop serves the swarm.
-        delta, owned, tokens = await asyncio.to_thread(self._contribution, local, tokens, delta, done)
+        delta, owned, tokens, error = await asyncio.to_thread(self._contribution, local, tokens, delta, done)
 
         bad = await asyncio.to_thread(lambda: 0 if all_finite(delta) else int((~torch.isfinite(delta)).sum()))
         bad_per_worker = await self.workers.all_gather(bad)
@@ -254,7 +257,7 @@ class OuterSequence:
         self._next_round(step + 1)
         budget = self._matchmaking_budget(inner_seconds)
         self.round_over.clear()
-        self._round = asyncio.create_task(self._run_round(step, delta, tokens, started, budget))
+        self._round = asyncio.create_task(self._run_round(step, delta, tokens, started, budget, error))
         self._round.add_done_callback(lambda _: self.round_over.set())
         if not self.overlap:
             reports.append(await self.finish())
@@ -275,19 +278,26 @@ class OuterSequence:
 
     def _contribution(
         self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None, done: float = 1.0
-    ) -> tuple[torch.Tensor, bool, int]:
+    ) -> tuple[torch.Tensor, bool, int, torch.Tensor | None]:
         """The pseudo-gradient of the inner loop that ended at `local`, plus any carried work; whether the sequence
-        owns that vector (False: it is the caller's `delta`, θ - local, only to be read); and its tokens."""
+        owns that vector (False: it is the caller's `delta`, θ - local, only to be read); its tokens; and the share
+        of our guess's error it carries, (1 − c)·s, if any (see `_judged`)."""
         work, self._work = self._work, None
         params = self.swarm.params
         if work is None:  # the inner loop started from θ
-            return (difference(params, local), True, tokens) if delta is None else (delta, False, tokens)
+            return (difference(params, local), True, tokens, None) if delta is None else (delta, False, tokens, None)
         segments = unflatten(work.vector, params)
         given = None if delta is None else unflatten(delta, params)
         # A round that landed only now merges as if at the loop's end: by the share of a loop it trained, so that a
         # loop cut short after a few steps (a slow peer awaited), which undid little of the guess's error, shifts
         # nearly all the way, as it would have mid-loop.
         share = self._merge_share(work, min(1.0, max(0.0, done)))
+        error = None
+        taken = work.taken if work.shifted else share
+        if work.state == "landed" and taken < 1.0:  # work.vector is s, the shift from the guess to θ, until below
+            if self._error is None or self._error.numel() != work.vector.numel():
+                self._error = torch.empty_like(work.vector)
+            error = torch.mul(work.vector, 1.0 - taken, out=self._error)
         for i, (seg, x) in enumerate(zip(segments, local, strict=True)):
             theta = params[i].reshape(seg.shape)
             if given is not None:  # the caller's θ − where the loop ended
@@ -309,7 +319,7 @@ class OuterSequence:
                     seg.mul_(-share).add_(theta).sub_(x)
             else:  # carried: where the loop started, plus the carried pseudo-gradient, minus where it ended
                 seg.add_(self._start_of(work, i, seg)).sub_(x)
-        return work.vector, True, tokens + work.tokens_carried
+        return work.vector, True, tokens + work.tokens_carried, error
 
     def _start_of(self, work: _Work, index: int, segment: torch.Tensor) -> torch.Tensor:
         """Where the inner loop started, for parameter `index`, while `work` holds a pseudo-gradient."""
@@ -355,7 +365,7 @@ class OuterSequence:
         share = self._merge_share(work, done)
         for x, seg in zip(local, unflatten(work.vector, self.swarm.params), strict=True):
             merge(x, seg.reshape(x.shape).to(device=x.device, dtype=x.dtype), share)
-        work.shifted = True
+        work.shifted, work.taken = True, share
         return True
 
     def settle(self, local: Sequence[torch.Tensor], tokens: int, done: float) -> int:
@@ -368,7 +378,7 @@ class OuterSequence:
             raise RuntimeError("finish the round in flight before settling")
         if self._work is None:
             return tokens  # the loop started from θ: `local` is θ minus its work already
-        delta, _, tokens = self._contribution(local, tokens, None, done)
+        delta, _, tokens, _ = self._contribution(local, tokens, None, done)
         for x, p, seg in zip(local, self.swarm.params, unflatten(delta, self.swarm.params), strict=True):
             x.copy_((p.reshape(seg.shape) - seg).reshape(x.shape))
         return tokens
@@ -399,12 +409,19 @@ class OuterSequence:
         return min(timeout, max(MIN_MATCHMAKING_BUDGET_SECONDS, 0.5 * inner_seconds))
 
     async def _run_round(
-        self, step: int, delta: torch.Tensor, tokens: int, started: float, budget: float | None
+        self,
+        step: int,
+        delta: torch.Tensor,
+        tokens: int,
+        started: float,
+        budget: float | None,
+        error: torch.Tensor | None = None,
     ) -> OuterStepReport:
         swarm, workers = self.swarm, self.workers.rounds
         contribution, residual = delta, None
         if swarm.residual is not None:
             contribution, residual = delta + swarm.residual, torch.empty_like(delta)
+        judged = None if error is None else await asyncio.to_thread(self._judged, contribution, error)
         excluded: set = set()
         # Whom we expect at this round even if the DHT does not show them: our last group, then this round's group.
         known = set(swarm._last_group[1]) if swarm._last_group is not None else set()
@@ -426,7 +443,9 @@ class OuterSequence:
                 await self._land(delta, delta, alone=True)
                 return await self._report(StepStatus.ALONE, 1, started, attempts=attempt)
             attempt += 1
-            outcome, result, shard_group = await self._average_shard(group, contribution, float(tokens), residual)
+            outcome, result, shard_group = await self._average_shard(
+                group, contribution, float(tokens), residual, judged
+            )
             outcomes = await workers.all_gather(outcome)
             if workers.rank == 0:  # it finds our groups: caught in any shard's round, a peer shares none again
                 swarm.ban(group, {i: reason for *_, caught in outcomes for i, reason in caught.items()})
@@ -529,7 +548,18 @@ class OuterSequence:
         else:
             self._work = None
 
-    async def _average_shard(self, group, contribution, weight, residual):
+    @staticmethod
+    def _judged(contribution: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """What the audit judges the round's averaged parts against (swarm.audit): our contribution less the share
+        of our guess's error it carries, overwriting `error`. The members' errors cancel one another by
+        construction (each guess is off by its own Δ's distance from the group's mean), so an honest average leans
+        away from ours where our Δ is mostly error: a loop cut after a few steps, whose round landed at its end,
+        against a partner's full loop. Judged against Δ, a sharded peer cut after 1 of 4 steps took its partner's
+        honest average for a lie (lean -0.07, floor 0.039). The update the loop trained is what the others' Δ's
+        share with ours, as a blocking round's do."""
+        return error.neg_().add_(contribution)
+
+    async def _average_shard(self, group, contribution, weight, residual, judged=None):
         """(ok, indices of lost members, error, {index: why} of members caught sending garbage) and the result of
         this worker's shard round. Indices are the members' in `group`: a shard group lists the same peers' nodes."""
         swarm = self.swarm
@@ -539,7 +569,7 @@ class OuterSequence:
             return (False, [], str(e), {}), None, None
         try:
             out = swarm.average_buffer(contribution.numel())
-            result = await swarm.averager.all_reduce(shard_group, contribution, weight, residual, out)
+            result = await swarm.averager.all_reduce(shard_group, contribution, weight, residual, out, judged=judged)
             return (True, [], "", swarm.caught_in(shard_group)), result, shard_group
         except AllReduceError as e:
             swarm._average = None  # a failed round's decoder threads may still write into it

@@ -14,7 +14,7 @@ from swarm import StepStatus, SwarmConfig
 from swarm.allreduce import Averager
 from tests.conftest import swarm_of
 from tests.test_member_loss import DiesAfterCollecting
-from tests.test_swarm import config, make_params, perturbed, running_swarms
+from tests.test_swarm import config, flat, make_params, perturbed, running_swarms
 
 LR, MU = SwarmConfig.outer_lr, SwarmConfig.outer_momentum
 
@@ -52,6 +52,16 @@ class EagerReference:
         self.opt.step()
 
 
+def judging(all_reduce, seen: list):
+    """The real all_reduce, noting what each call judged the averaged parts by (None: the contribution itself)."""
+
+    async def noted(*args, judged=None, **kwargs):
+        seen.append(None if judged is None else judged.clone())
+        return await all_reduce(*args, judged=judged, **kwargs)
+
+    return noted
+
+
 def minus(a, b) -> list[torch.Tensor]:
     return [x - y for x, y in zip(a, b, strict=True)]
 
@@ -74,11 +84,16 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
     """Three peers, four overlapped steps. Each inner loop (here: two random moves) starts from the peer's guess;
     on even steps the round lands a fifth of the way and the model merges onto θ there, on odd steps it lands only
     when the next work is handed over (the merge then enters the next Δ, as at the loop's end: by the share of a
-    loop each peer trained, here a whole one, 0.3 and 0.05 for loops cut short)."""
+    loop each peer trained, here a whole one, 0.3 and 0.05 for loops cut short). Each member's audit judges the
+    averaged parts against its Δ less the share of its guess's error that the merge left in it."""
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
         async with running_swarms(nodes, theta, lambda i: overlapped()) as swarms:
             await wait_until_all_live(swarms)
+            judged = [[] for _ in swarms]  # what each member's all-reduce judged by, round by round
+            for i, s in enumerate(swarms):
+                s.averager.all_reduce = judging(s.averager.all_reduce, judged[i])
+            want_judged = [[] for _ in swarms]
             ref = EagerReference(theta)
             models = [[t.clone() for t in theta] for _ in swarms]
             guesses = None  # the reference's guess per peer for the round in flight
@@ -109,6 +124,10 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
                     assert all(torch.equal(a, b) for a, b in zip(s.params, swarms[0].params, strict=True))
                 assert_close(swarms[0].params, ref.theta, f"step {step}: θ differs from the reference")
                 deltas = [minus(ref.theta, m) for m in models_on_theta]
+                for i, d in enumerate(deltas):  # Δ less (1 − c)·(θ − g), c the share the merge took
+                    c = None if guesses is None else max(0.5, 1 - (0.2 if step % 2 == 0 else trained[i]))
+                    error = None if c is None else [(1 - c) * e for e in minus(ref.theta, guesses[i])]
+                    want_judged[i].append(None if error is None else flat(minus(d, error)))
                 guesses = [ref.guess(d) for d in deltas]
                 ref.round(deltas, tokens)
                 for i, s in enumerate(swarms):
@@ -116,6 +135,10 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
                     assert_close(models[i], guesses[i], f"step {step}: peer {i} starts elsewhere than its guess")
             done = await asyncio.gather(*[s.finish() for s in swarms])
             assert len({r.params_sha256 for r in done}) == 1 and all(r.outer_step == 4 for r in done)
+            for i, (got, want) in enumerate(zip(judged, want_judged, strict=True)):
+                assert [g is None for g in got] == [w is None for w in want], f"peer {i}"
+                for k, (g, w) in enumerate(zip(got, want, strict=True)):
+                    assert g is None or torch.allclose(g, w, atol=1e-6, rtol=0), f"peer {i}, round {k}: judged by"
             assert_close(swarms[2].params, ref.theta, "θ after the last round differs from the reference")
             # Stopped 0.4 into the next loop: the model keeps its work, merged onto θ as a hand-over would, so that
             # its next Δ against θ carries it (as a blocking peer's model keeps its own).
@@ -312,8 +335,8 @@ def test_three_swarm_peers_one_four_times_slower_overlapped(tmp_path):
     """The programs, as a reviewer runs them: three `swarm-peer --overlap --overlap-max-lag 1`, one with 4x the batch
     (each of its inner steps about 4x longer). The fast peers' time between records is mostly compute, every group
     agrees on θ, and the slow peer's work is averaged in, with fewer inner steps per outer step. The whole round
-    must hide for that: a round that waits for the slow peer's current step lands later than the default bound (a
-    tenth of the loop), where the fast peers would wait for it (utilization 0.52-0.58 in one CI run)."""
+    must hide for that (swarm-peer's default): a round that waits for the slow peer's current step lands later than
+    a bound of a tenth of the loop, where the fast peers would wait for it (utilization 0.52-0.58 in one CI run)."""
     from peers.launch import read_metrics, run_to_end
     from peers.metrics import groups_agree, peer_figures
 
