@@ -281,8 +281,8 @@ class Averager:
         buffer each time, as gloo's in-place all-reduce does.
 
         `judged` (same size as `flat`): what the averaged parts are judged against (swarm.audit), if not `flat`
-        itself. Overlapped, `flat` less the share of our guess's error that it carries, which the others'
-        contributions cancel by construction (swarm.sequence).
+        itself. Overlapped, `flat` with the direction of our guess's error taken out, along which the others'
+        contributions cancel ours by construction (swarm.sequence).
         """
         if group.size < 2:
             raise ValueError("an all-reduce needs at least two members")

@@ -29,24 +29,26 @@ the average x100, negated, or zero, by every member; the average x3 by none of 1
 previous step's average of the same part by 3 of 15 and 0 of 30; another group's average of the same step by none.
 
 Contributions that cancel ours. Overlapped (swarm.overlap), a member's Δ carries (1 − c)·s, the share of its guess's
-error that the merge onto θ left in it, and the members' errors cancel one another by construction. A member whose
-inner loop was cut short (a slow peer awaited after a few inner steps) sends a Δ that is mostly that error, which the
-others' pull against: judged against its Δ, the honest average leans away from it. Measured: -0.22 (int8, a share of
-0.13, parts 11x as long as its Δ) where the floor below asked for -0.07, and the slow peer banned its honest partners;
-in CI, two sharded peers, the one cut after 1 of 4 steps: -0.07 against a floor of 0.039. So an overlapped member
-judges by its Δ less that error share (swarm.sequence._judged, Averager.all_reduce's `judged`): the update its loop
-trained, which the others' Δ's share with ours as a blocking round's do. On the synthetic rounds of
-tests/test_lying_reducer.py (`python benchmarks/audit_overlapped.py`: groups of 2 to 4 with members a whole loop, half
-of one or a few steps done, loops that undid none or 30% of their errors, errors up to 6x larger in one half of the
-model than the other), honest verdicts that failed went from 66 to 6 of 312, lies caught from 594 to 674 of 936.
-What is left comes from a loop's own correction: the steps from a guess undo part of its error, so its update carries
-a little of it, which the others' errors pull against. For that, our own part, averaged by us, shows how strongly
-the others pull against us: beyond chance, the lean floor drops by that pull (a cosine) times the others' length over
-ours in the part (at most its ratio plus our share), times ALIGNMENT_FACTOR. Then a negated or zeroed average passes
-where the others cancel us (nothing can tell it from an honest one there); the ratio bound still holds, and members
-whose contributions the others do not cancel still catch it. A liar can use this: a contribution against ours to the
-part we reduce lowers our floor for the part it reduces, and it sees the others' contributions to its own part only,
-not to ours, so it must guess at ours (a negated copy of its own Δ is a fair guess in DiLoCo).
+error s that the merge onto θ left in it, and the members' errors cancel one another by construction. A member whose
+inner loop was cut short (a slow peer awaited after a few inner steps) sends a Δ that lies mostly along s: that share,
+and an update of a step or two that mostly carries on its last loop's direction (AdamW's momentum), which is s's
+direction too. The others' errors pull against it, and judged against its Δ, the honest average leans away from it.
+Measured: -0.22 (int8, a share of 0.13, parts 11x as long as its Δ) where the floor below asked for -0.07, and the
+slow peer banned its honest partners; in CI, two sharded peers, the one cut after 1 of 4 steps: -0.07 against a floor
+of 0.039; with only the error share taken out of the Δ judged, a peer cut after 1 of 10 steps: -0.184 against -0.091.
+So an overlapped member judges by its Δ with the direction of s taken out (swarm.sequence._judged,
+Averager.all_reduce's `judged`). On the synthetic rounds of tests/test_lying_reducer.py (`python
+benchmarks/audit_overlapped.py`: groups of 2 to 4 with members a whole loop, half of one or a step or two done;
+updates with -0.3, 0 or 0.3 of their error; errors up to 6x larger in one half of the model than the other), honest
+verdicts that failed went from 122 to 6 of 504, lies caught from 880 to 1,208 of 1,512; the 6 left are norm ratios
+where the errors are 36x larger in one half than in the other. Whatever else pulls against ours, our own part,
+averaged by us, shows how strongly: beyond chance, the lean floor drops by that pull (a cosine) times the others'
+length over ours in the part (at most its ratio plus our share), times ALIGNMENT_FACTOR. Then a negated or zeroed
+average passes where the others cancel us (nothing can tell it from an honest one there); the ratio bound still holds,
+and members whose contributions the others do not cancel still catch it. A liar can use this: a contribution against
+ours to the part we reduce lowers our floor for the part it reduces, and it sees the others' contributions to its own
+part only, not to ours, so it must guess at ours (a negated copy of its own Δ is a fair guess in DiLoCo). A lie along
+our s alone shows in the ratio only.
 
 What a crafted lie can still do (the reducer holds every x_k,i of its part, so it can aim): any average within the
 bounds of every honest member passes. Found by bisection on those Δ's: the honest average plus a vector orthogonal to

@@ -79,8 +79,6 @@ class _Work:
     """The run's outer step of the round the guess foresaw: its outer settings (a momentum ramp) rebuild the start
     point later, after a failed round has moved the step on."""
     shifted: bool = False
-    taken: float = 1.0
-    """Once `shifted` mid-loop: the share of the shift the inner loop took (swarm.overlap.merge_share)."""
     landed_alone: bool = False
     """The round applied our own Δ (nobody to average with): θ is our own inner result, which the guess foresaw."""
 
@@ -105,7 +103,7 @@ class OuterSequence:
         """Set while no round is in flight: it landed, failed or was cut off (an inner loop that may not run further
         ahead of its round waits for this; then `shift_ready` says whether there is a shift to take)."""
         self.round_over.set()
-        self._error: torch.Tensor | None = None  # the guess's error left in our Δ (_contribution), reused each round
+        self._error: torch.Tensor | None = None  # our guess's error s (see _judged), a buffer reused each round
 
     # ---- agreeing on state ----------------------------------------------------------------------------------------
 
@@ -280,8 +278,8 @@ class OuterSequence:
         self, local: Sequence[torch.Tensor], tokens: int, delta: torch.Tensor | None, done: float = 1.0
     ) -> tuple[torch.Tensor, bool, int, torch.Tensor | None]:
         """The pseudo-gradient of the inner loop that ended at `local`, plus any carried work; whether the sequence
-        owns that vector (False: it is the caller's `delta`, θ - local, only to be read); its tokens; and the share
-        of our guess's error it carries, (1 − c)·s, if any (see `_judged`)."""
+        owns that vector (False: it is the caller's `delta`, θ - local, only to be read); its tokens; and the error
+        s of our guess of the θ that the loop merged onto, if the round was a group's (see `_judged`)."""
         work, self._work = self._work, None
         params = self.swarm.params
         if work is None:  # the inner loop started from θ
@@ -293,11 +291,10 @@ class OuterSequence:
         # nearly all the way, as it would have mid-loop.
         share = self._merge_share(work, min(1.0, max(0.0, done)))
         error = None
-        taken = work.taken if work.shifted else share
-        if work.state == "landed" and taken < 1.0:  # work.vector is s, the shift from the guess to θ, until below
+        if work.state == "landed" and not work.landed_alone:  # work.vector is s, θ minus the guess, until below
             if self._error is None or self._error.numel() != work.vector.numel():
                 self._error = torch.empty_like(work.vector)
-            error = torch.mul(work.vector, 1.0 - taken, out=self._error)
+            error = self._error.copy_(work.vector)
         for i, (seg, x) in enumerate(zip(segments, local, strict=True)):
             theta = params[i].reshape(seg.shape)
             if given is not None:  # the caller's θ − where the loop ended
@@ -365,7 +362,7 @@ class OuterSequence:
         share = self._merge_share(work, done)
         for x, seg in zip(local, unflatten(work.vector, self.swarm.params), strict=True):
             merge(x, seg.reshape(x.shape).to(device=x.device, dtype=x.dtype), share)
-        work.shifted, work.taken = True, share
+        work.shifted = True
         return True
 
     def settle(self, local: Sequence[torch.Tensor], tokens: int, done: float) -> int:
@@ -550,14 +547,22 @@ class OuterSequence:
 
     @staticmethod
     def _judged(contribution: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-        """What the audit judges the round's averaged parts against (swarm.audit): our contribution less the share
-        of our guess's error it carries, overwriting `error`. The members' errors cancel one another by
-        construction (each guess is off by its own Δ's distance from the group's mean), so an honest average leans
-        away from ours where our Δ is mostly error: a loop cut after a few steps, whose round landed at its end,
-        against a partner's full loop. Judged against Δ, a sharded peer cut after 1 of 4 steps took its partner's
-        honest average for a lie (lean -0.07, floor 0.039). The update the loop trained is what the others' Δ's
-        share with ours, as a blocking round's do."""
-        return error.neg_().add_(contribution)
+        """What the audit judges the round's averaged parts by (swarm.audit): our contribution with the direction of
+        our guess's error s taken out, written over `error`.
+
+        Every member's guess was off by its own last Δ's distance from the group's mean, so the errors cancel one
+        another by construction: the others' Δ's carry their shares of theirs, which sum to about -s times ours.
+        Judged against its Δ, a member whose Δ lies along s (its share (1 − c)·s of the error, and a loop cut short
+        after a step or two, whose update mostly carries on the last loop's direction through AdamW's momentum) sees
+        the honest average lean away from it: in CI a sharded peer cut after 1 of 4 steps took its partner's honest
+        average for a lie (lean -0.07, floor 0.039), and with the error share alone taken out, a newcomer's peer cut
+        after 1 of 10 steps still did (-0.184, floor -0.091). Along every other direction the others' Δ's share with
+        ours what a blocking round's do."""
+        along = float(torch.dot(contribution, error))
+        length = float(torch.dot(error, error))
+        if not length > 0:
+            return error.copy_(contribution)
+        return error.mul_(-along / length).add_(contribution)
 
     async def _average_shard(self, group, contribution, weight, residual, judged=None):
         """(ok, indices of lost members, error, {index: why} of members caught sending garbage) and the result of

@@ -85,7 +85,7 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
     on even steps the round lands a fifth of the way and the model merges onto θ there, on odd steps it lands only
     when the next work is handed over (the merge then enters the next Δ, as at the loop's end: by the share of a
     loop each peer trained, here a whole one, 0.3 and 0.05 for loops cut short). Each member's audit judges the
-    averaged parts against its Δ less the share of its guess's error that the merge left in it."""
+    averaged parts by its Δ with the direction of its guess's error taken out."""
     async with swarm_of(3) as (_, nodes):
         theta = make_params()
         async with running_swarms(nodes, theta, lambda i: overlapped()) as swarms:
@@ -124,10 +124,10 @@ async def test_overlapped_steps_equal_the_eager_reference_and_members_stay_ident
                     assert all(torch.equal(a, b) for a, b in zip(s.params, swarms[0].params, strict=True))
                 assert_close(swarms[0].params, ref.theta, f"step {step}: θ differs from the reference")
                 deltas = [minus(ref.theta, m) for m in models_on_theta]
-                for i, d in enumerate(deltas):  # Δ less (1 − c)·(θ − g), c the share the merge took
-                    c = None if guesses is None else max(0.5, 1 - (0.2 if step % 2 == 0 else trained[i]))
-                    error = None if c is None else [(1 - c) * e for e in minus(ref.theta, guesses[i])]
-                    want_judged[i].append(None if error is None else flat(minus(d, error)))
+                for i, d in enumerate(deltas):  # Δ with the direction of the guess's error θ − g taken out
+                    error = None if guesses is None else flat(minus(ref.theta, guesses[i]))
+                    d = flat(d)
+                    want_judged[i].append(None if error is None else d - d.dot(error) / error.dot(error) * error)
                 guesses = [ref.guess(d) for d in deltas]
                 ref.round(deltas, tokens)
                 for i, s in enumerate(swarms):

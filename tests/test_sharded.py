@@ -136,7 +136,7 @@ def test_sharded_newcomer_takes_each_shard_from_the_run_and_averages(tmp_path):
         assert mine[0]["outer_step"] > 2  # it started from the run's state, not from θ0
         others = {r["outer_step"]: r for i in range(2) for r in read_metrics(f"{w}/m{i}.jsonl")}
         averaged = [r for r in mine if r["status"] == "averaged" and r["group_size"] == 3]
-        assert averaged, mine
+        assert averaged, [(r["outer_step"], r["status"], r["group_size"], r.get("landed_at")) for r in mine]
         for r in averaged:
             assert r["params_sha256"] == others[r["outer_step"]]["params_sha256"]
     finally:
