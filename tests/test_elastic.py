@@ -52,7 +52,7 @@ def test_swarm_outlives_its_bootstrap_node_and_a_killed_peer_and_takes_a_newcome
     procs = {}
     try:
         for name in ("a", "b", "c"):
-            procs[name] = start_peer(str(tmp_path), name, boot.maddrs, "--run-id", "el", "--outer-steps", "60",
+            procs[name] = start_peer(str(tmp_path), name, boot.maddrs, "--run-id", "el", "--outer-steps", "400",
                                      "--metrics-file", str(tmp_path / f"{name}.jsonl"),
                                      "--checkpoint-dir", str(tmp_path / f"ckpt-{name}"), *FAST)  # fmt: skip
         metrics = {name: tmp_path / f"{name}.jsonl" for name in procs}
