@@ -279,7 +279,8 @@ class OuterSequence:
     ) -> tuple[torch.Tensor, bool, int, torch.Tensor | None]:
         """The pseudo-gradient of the inner loop that ended at `local`, plus any carried work; whether the sequence
         owns that vector (False: it is the caller's `delta`, θ - local, only to be read); its tokens; and the error
-        s of our guess of the θ that the loop merged onto, if the round was a group's (see `_judged`)."""
+        s of our guess of the θ that the loop merged onto, if the round was a group's and the all-reduce audits its
+        parts (see `_judged`)."""
         work, self._work = self._work, None
         params = self.swarm.params
         if work is None:  # the inner loop started from θ
@@ -291,7 +292,8 @@ class OuterSequence:
         # nearly all the way, as it would have mid-loop.
         share = self._merge_share(work, min(1.0, max(0.0, done)))
         error = None
-        if work.state == "landed" and not work.landed_alone:  # work.vector is s, θ minus the guess, until below
+        # work.vector is s, θ minus the guess, until below; kept only for the audit (robust averaging) to judge by.
+        if work.state == "landed" and not work.landed_alone and self.swarm.averager.robust:
             if self._error is None or self._error.numel() != work.vector.numel():
                 self._error = torch.empty_like(work.vector)
             error = self._error.copy_(work.vector)
